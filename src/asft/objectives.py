@@ -1,0 +1,179 @@
+"""The training objectives of ASFT and its baselines: the one place their math lives.
+
+Every per-token quantity is computed in float32 whatever the model's dtype. For a response token t with policy
+log-probabilities log pi, reference log-probabilities log rho and label y:
+
+    sft     CE_t                         CE_t = -log pi(y_t)
+    dft     sg[pi(y_t)] * CE_t           sg = stop-gradient
+    sft_kl  CE_t + kl_weight * KL_t
+    asft    sg[pi(y_t)] * CE_t + kl_weight * KL_t
+    iw_sft  sg[w] * CE_t                 w = clamp(exp(mean_t log pi(y_t)/rho(y_t)), 0, iw_max) per sequence
+
+KL_t is over the full vocabulary: KL(reference || policy) for ``kl_direction="forward"`` (the paper's code and
+LLaMA-Factory), KL(policy || reference) for ``"reverse"``. The loss is the sum of l_t divided by N, the number of
+response tokens in the whole optimizer step (``num_items_in_batch``), so that the gradient does not depend on how
+a batch is split into micro-batches or ranks.
+
+``asft.fused`` computes the same quantities chunk by chunk from hidden states; it reuses the helpers below.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("sft", "dft", "sft_kl", "asft", "iw_sft")
+MODE_ALIASES = {"sft+kl": "sft_kl", "sft-kl": "sft_kl", "iw-sft": "iw_sft", "iwsft": "iw_sft"}
+KL_DIRECTIONS = ("forward", "reverse")
+IW_LEVELS = ("sequence", "token")
+# iw-SFT's token-level variant clamps pi/rho to this range (its authors' code).
+IW_TOKEN_CLAMP = (0.2, 1.8)
+
+
+def normalize_mode(mode: str) -> str:
+    """Return the canonical name of a training mode, accepting the aliases the paper's script uses."""
+    canonical = MODE_ALIASES.get(str(mode).strip().lower(), str(mode).strip().lower())
+    if canonical not in MODES:
+        raise ValueError(f"mode: unknown value {mode!r}; expected one of {', '.join(MODES)} (or 'sft+kl')")
+    return canonical
+
+
+def needs_reference(mode: str) -> bool:
+    """Whether ``mode`` needs reference log-probabilities (KL anchor or importance weights)."""
+    return normalize_mode(mode) in ("sft_kl", "asft", "iw_sft")
+
+
+def uses_kl(mode: str) -> bool:
+    return normalize_mode(mode) in ("sft_kl", "asft")
+
+
+def select_response(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor, Tensor]:
+    """Shift for next-token prediction and keep the response positions only.
+
+    Returns ``(logits[n, V], targets[n], rows[n])`` where ``rows`` is the batch row of each kept token.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != ignore_index
+    rows = mask.nonzero(as_tuple=True)[0]
+    return logits[mask], labels[mask], rows
+
+
+def kl_from_logprobs(logp: Tensor, logrho: Tensor, direction: str = "forward") -> Tensor:
+    """Per-token KL over the last (vocabulary) axis, from float32 log-probabilities."""
+    if direction == "forward":  # KL(rho || pi)
+        return (logrho.exp() * (logrho - logp)).sum(-1)
+    if direction == "reverse":  # KL(pi || rho)
+        return (logp.exp() * (logp - logrho)).sum(-1)
+    raise ValueError(f"kl_direction: unknown value {direction!r}; expected 'forward' or 'reverse'")
+
+
+def importance_weights(
+    logp_y: Tensor, logrho_y: Tensor, rows: Tensor, *, iw_max: float = 16.0, level: str = "sequence"
+) -> Tensor:
+    """iw-SFT's per-token weights (no gradient): the sequence's clamped mean log-ratio, or the clamped token ratio."""
+    log_ratio = (logp_y - logrho_y).detach().float()
+    if level == "token":
+        return log_ratio.exp().clamp(*IW_TOKEN_CLAMP)
+    if level != "sequence":
+        raise ValueError(f"iw_level: unknown value {level!r}; expected 'sequence' or 'token'")
+    if rows.numel() == 0:
+        return log_ratio
+    num_rows = int(rows.max()) + 1
+    sums = torch.zeros(num_rows, device=log_ratio.device).index_add_(0, rows, log_ratio)
+    counts = torch.zeros(num_rows, device=log_ratio.device).index_add_(0, rows, torch.ones_like(log_ratio))
+    seq_weight = (sums / counts.clamp(min=1)).exp().clamp(0.0, iw_max)
+    return seq_weight[rows]
+
+
+def token_weights(
+    mode: str,
+    logp_y: Tensor,
+    logrho_y: Tensor | None = None,
+    rows: Tensor | None = None,
+    *,
+    iw_max: float = 16.0,
+    iw_level: str = "sequence",
+) -> Tensor:
+    """The detached weight multiplying each token's cross-entropy."""
+    if mode in ("sft", "sft_kl"):
+        return torch.ones_like(logp_y, dtype=torch.float32)
+    if mode in ("dft", "asft"):
+        return logp_y.detach().float().exp()
+    return importance_weights(logp_y, logrho_y, rows, iw_max=iw_max, level=iw_level)
+
+
+def check_arguments(mode: str, has_reference: bool, kl_weight: float, kl_direction: str, iw_max: float) -> str:
+    mode = normalize_mode(mode)
+    if kl_direction not in KL_DIRECTIONS:
+        raise ValueError(f"kl_direction: unknown value {kl_direction!r}; expected 'forward' or 'reverse'")
+    if kl_weight < 0:
+        raise ValueError(f"kl_weight: must be >= 0, got {kl_weight}")
+    if iw_max <= 0:
+        raise ValueError(f"iw_max: must be > 0, got {iw_max}")
+    if needs_reference(mode) and not has_reference:
+        raise ValueError(f"mode {mode!r} needs reference logits (ref_logits)")
+    return mode
+
+
+def token_loss(
+    mode: str,
+    logits: Tensor,
+    labels: Tensor,
+    ref_logits: Tensor | None = None,
+    *,
+    kl_weight: float = 0.03,
+    kl_direction: str = "forward",
+    iw_max: float = 16.0,
+    iw_level: str = "sequence",
+    num_items_in_batch: int | Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[Tensor, dict[str, float]]:
+    """Loss of ``mode`` from full logits ``[B, T, V]`` and unshifted labels ``[B, T]`` (the naive path).
+
+    Returns the scalar loss (sum of per-token losses / ``num_items_in_batch``, or / the response tokens in this
+    call when it is None) and the logged terms, each a mean over this call's response tokens:
+    ``nll`` (plain cross-entropy), ``weighted_nll`` (the weighted term), ``kl`` (when a reference is given),
+    ``mean_prob`` (mean pi(y_t)), ``mean_weight``, ``entropy``, ``token_accuracy``, and ``num_tokens``.
+    """
+    mode = check_arguments(mode, ref_logits is not None, kl_weight, kl_direction, iw_max)
+    z, y, rows = select_response(logits, labels, ignore_index)
+    n = y.numel()
+    if n == 0:
+        # Keep the graph connected so that backward() works on a micro-batch without response tokens.
+        return logits.sum() * 0.0, {"num_tokens": 0.0}
+
+    logp = F.log_softmax(z.float(), dim=-1)
+    logp_y = logp.gather(-1, y[:, None]).squeeze(-1)
+    ce = -logp_y
+
+    logrho = logrho_y = None
+    if ref_logits is not None:
+        ref_z, _, _ = select_response(ref_logits, labels, ignore_index)
+        logrho = F.log_softmax(ref_z.detach().float(), dim=-1)
+        logrho_y = logrho.gather(-1, y[:, None]).squeeze(-1)
+
+    weight = token_weights(mode, logp_y, logrho_y, rows, iw_max=iw_max, iw_level=iw_level)
+    per_token = weight * ce
+    kl = kl_from_logprobs(logp, logrho, kl_direction) if logrho is not None else None
+    if uses_kl(mode):
+        per_token = per_token + kl_weight * kl
+
+    denom = n if num_items_in_batch is None else num_items_in_batch
+    loss = per_token.sum() / torch.as_tensor(denom, device=per_token.device, dtype=torch.float32).clamp(min=1)
+
+    with torch.no_grad():
+        p = logp.exp()
+        metrics = {
+            "nll": ce.mean(),
+            "weighted_nll": (weight * ce).mean(),
+            "mean_prob": logp_y.exp().mean(),
+            "mean_weight": weight.mean(),
+            "entropy": -(p * logp).sum(-1).mean(),
+            "token_accuracy": (z.argmax(-1) == y).float().mean(),
+        }
+        if kl is not None:
+            metrics["kl"] = kl.mean()
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["num_tokens"] = float(n)
+    return loss, metrics
