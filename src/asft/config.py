@@ -1,0 +1,100 @@
+"""AnchoredSFTConfig: TRL's SFTConfig plus the anchored objectives' knobs (every field documented)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from .errors import ConfigError
+from .objectives import IW_LEVELS, KL_DIRECTIONS, needs_reference, normalize_mode
+
+
+@dataclass
+class AnchoredSFTConfig(SFTConfig):
+    """Configuration of [`AnchoredSFTTrainer`]: everything in TRL's `SFTConfig`, plus the objective.
+
+    The loss of each mode is in `asft.objectives`; `kl_weight` only matters for the modes with a KL anchor
+    (`sft_kl`, `asft`), `iw_max` / `iw_level` only for `iw_sft`.
+    """
+
+    mode: str = field(
+        default="asft",
+        metadata={"help": "Objective: sft | dft | sft_kl (alias sft+kl) | asft | iw_sft.",
+                  "choices": ["sft", "dft", "sft_kl", "sft+kl", "asft", "iw_sft"]},
+    )
+    kl_weight: float = field(
+        default=0.03,
+        metadata={"help": "Weight of the KL anchor to the frozen reference (sft_kl, asft). 0.03 is the authors' "
+                          "advice under bf16/fp16; the paper's main runs used 0.05."},
+    )
+    kl_direction: str = field(
+        default="forward",
+        metadata={"help": "forward = KL(reference || policy), as the paper's code and LLaMA-Factory compute it; "
+                          "reverse = KL(policy || reference), as printed in the paper's first version.",
+                  "choices": list(KL_DIRECTIONS)},
+    )
+    iw_max: float = field(default=16.0, metadata={"help": "iw_sft: upper clamp of the sequence-level weight."})
+    iw_level: str = field(
+        default="sequence",
+        metadata={"help": "iw_sft: 'sequence' (the authors' default) or 'token' (ratio clamped to [0.2, 1.8]).",
+                  "choices": list(IW_LEVELS)},
+    )
+    loss_normalization: str = field(
+        default="global",
+        metadata={"help": "global: divide by the response tokens of the whole optimizer step (all accumulation "
+                          "steps and ranks), so the gradient does not depend on the batch split. micro_batch: mean "
+                          "per micro-batch, as the paper's script does (for exact comparisons).",
+                  "choices": ["global", "micro_batch"]},
+    )
+    loss_implementation: str = field(
+        default="fused",
+        metadata={"help": "fused: chunked loss from hidden states, never materialising [tokens x vocab] logits "
+                          "(falls back to naive when the model has no output embeddings). naive: full logits.",
+                  "choices": ["fused", "naive"]},
+    )
+    fused_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the fused loss."})
+    reference_model_path: str | None = field(
+        default=None,
+        metadata={"help": "Full fine-tuning: checkpoint of the frozen reference (default: the policy's own "
+                          "starting checkpoint). Ignored under LoRA, where the reference is the adapter-disabled "
+                          "base."},
+    )
+    reference_dtype: str | None = field(
+        default=None,
+        metadata={"help": "dtype of the frozen reference copy (float32 | bfloat16 | float16); default: the "
+                          "policy's. The reference is never updated, so bf16 is safe and halves its memory.",
+        },
+    )
+
+    def __post_init__(self):
+        # Validate the objective before anything heavy happens (TRL's __post_init__ sets up devices).
+        try:
+            self.mode = normalize_mode(self.mode)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.kl_weight is None or self.kl_weight < 0:
+            raise ConfigError(f"kl_weight: must be >= 0, got {self.kl_weight}")
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise ConfigError(f"kl_direction: unknown value {self.kl_direction!r}; expected forward or reverse")
+        if self.iw_max <= 0:
+            raise ConfigError(f"iw_max: must be > 0, got {self.iw_max}")
+        if self.iw_level not in IW_LEVELS:
+            raise ConfigError(f"iw_level: unknown value {self.iw_level!r}; expected sequence or token")
+        if self.loss_normalization not in ("global", "micro_batch"):
+            raise ConfigError(f"loss_normalization: unknown value {self.loss_normalization!r}")
+        if self.loss_implementation not in ("fused", "naive"):
+            raise ConfigError(f"loss_implementation: unknown value {self.loss_implementation!r}")
+        if self.fused_chunk_size < 1:
+            raise ConfigError(f"fused_chunk_size: must be >= 1, got {self.fused_chunk_size}")
+        if self.reference_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"reference_dtype: unknown value {self.reference_dtype!r}")
+        if self.mode in ("sft_kl", "asft") and self.kl_weight == 0:
+            warnings.warn(f"kl_weight=0 makes mode {self.mode!r} equal to {'sft' if self.mode == 'sft_kl' else 'dft'}"
+                          " while still paying for the reference forward", stacklevel=2)
+        super().__post_init__()
+
+    @property
+    def needs_reference(self) -> bool:
+        return needs_reference(self.mode)

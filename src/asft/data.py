@@ -1,0 +1,328 @@
+"""Training data: every accepted format -> one canonical form -> token ids with response-only labels.
+
+Formats, detected per file from the first row's keys:
+  alpaca             {"instruction", "response"}      ("input" optional; "output" accepted for "response")
+  messages           {"messages": [{"role", "content"}, ...]}   loss on every assistant turn
+  prompt_completion  {"prompt", "completion"}
+  sharegpt           {"conversations": [{"from", "value"}, ...]}
+
+Canonical form: a list of (text, trainable) segments. Rendering is where templates apply; tokenization then
+concatenates the segments' tokens, labelling the trainable ones. Problems are reported with file, line and field
+before any model compute is spent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+IGNORE_INDEX = -100
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+TEMPLATES = ("auto", "alpaca", "chat", "none")
+FORMATS = ("alpaca", "messages", "prompt_completion", "sharegpt")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class DataError(ValueError):
+    """Bad training data, located by file, line (1-based; the item index for JSON arrays) and field."""
+
+    def __init__(self, source: str, line: int | None, field: str | None, message: str):
+        self.source, self.line, self.field, self.message = source, line, field, message
+        where = source + (f":{line}" if line is not None else "")
+        super().__init__(f"{where}: {'field ' + repr(field) + ': ' if field else ''}{message}")
+
+
+@dataclass
+class Row:
+    source: str
+    line: int
+    data: Any
+
+
+@dataclass
+class Example:
+    """One training example in canonical form."""
+
+    source: str
+    line: int
+    segments: list[tuple[str, bool]] | None = None  # (text, trainable), for alpaca / prompt_completion
+    messages: list[dict[str, str]] | None = None  # chat turns, for messages / sharegpt
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+def read_rows(path: str | Path) -> Iterator[Row]:
+    """Yield the rows of a JSONL / JSON / parquet file, or of a `datasets` name (its train split)."""
+    p = Path(path)
+    if not p.exists():
+        if str(path).endswith((".jsonl", ".json", ".parquet")) or str(path).startswith((".", "/", "~")):
+            raise DataError(str(path), None, None, "file not found")
+        yield from _read_hub(str(path))
+        return
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, item in enumerate(pq.read_table(p).to_pylist(), start=1):
+            yield Row(str(p), i, item)
+        return
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(str(p), line, None, "not valid UTF-8") from None
+    if p.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(str(p), e.lineno, None, f"malformed JSON: {e.msg}") from None
+        for i, item in enumerate(items, start=1):
+            yield Row(str(p), i, item)
+        return
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield Row(str(p), i, json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(str(p), i, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+
+
+def _read_hub(name: str) -> Iterator[Row]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # offline, unknown name, ... : one clear line, no traceback
+        raise DataError(name, None, None, f"not a file, and loading it as a datasets name failed: {e}") from None
+    for i, item in enumerate(ds, start=1):
+        yield Row(name, i, item)
+
+
+# -------------------------------------------------------------------------------------------- canonical form
+
+
+def detect_format(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    if "messages" in data:
+        return "messages"
+    if "conversations" in data:
+        return "sharegpt"
+    if "prompt" in data and "completion" in data:
+        return "prompt_completion"
+    if "instruction" in data and ("response" in data or "output" in data):
+        return "alpaca"
+    return None
+
+
+def _text(row: Row, data: dict, field: str, *, required: bool = True, allow_empty: bool = False) -> str:
+    if field not in data or data[field] is None:
+        if required:
+            raise DataError(row.source, row.line, field, "missing")
+        return ""
+    value = data[field]
+    if not isinstance(value, str):
+        raise DataError(row.source, row.line, field, f"expected a string, got {type(value).__name__}")
+    if required and not allow_empty and not value.strip():
+        raise DataError(row.source, row.line, field, "empty")
+    return value
+
+
+def _turns(row: Row, turns: Any, field: str, role_key: str, content_key: str, roles: dict[str, str]):
+    if not isinstance(turns, list) or not turns:
+        raise DataError(row.source, row.line, field, "expected a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(turns):
+        where = f"{field}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(row.source, row.line, where, "expected an object")
+        role = turn.get(role_key)
+        if role not in roles:
+            raise DataError(row.source, row.line, f"{where}.{role_key}",
+                            f"unknown role {role!r}; expected one of {', '.join(roles)}")
+        content = turn.get(content_key)
+        if not isinstance(content, str):
+            raise DataError(row.source, row.line, f"{where}.{content_key}",
+                            "missing" if content is None else f"expected a string, got {type(content).__name__}")
+        out.append({"role": roles[role], "content": content})
+    if not any(t["role"] == "assistant" and t["content"].strip() for t in out):
+        raise DataError(row.source, row.line, field, "no non-empty assistant turn to train on")
+    return out
+
+
+def to_example(row: Row, fmt: str) -> Example:
+    """Validate one row of a file of format `fmt` and turn it into canonical form."""
+    data = row.data
+    if not isinstance(data, dict):
+        raise DataError(row.source, row.line, None, f"expected a JSON object, got {type(data).__name__}")
+    if detect_format(data) != fmt:
+        raise DataError(row.source, row.line, None,
+                        f"row does not match the file's format {fmt!r} (keys: {', '.join(sorted(data)) or 'none'})")
+    if fmt == "alpaca":
+        instruction = _text(row, data, "instruction")
+        extra = _text(row, data, "input", required=False)
+        response_field = "response" if "response" in data else "output"
+        response = _text(row, data, response_field)
+        prompt = (ALPACA_PROMPT_WITH_INPUT if extra.strip() else ALPACA_PROMPT).format(instruction=instruction,
+                                                                                       input=extra)
+        ex = Example(row.source, row.line, segments=[(prompt, False), (response, True)])
+        ex.messages = [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra.strip() else "")},
+                       {"role": "assistant", "content": response}]
+        return ex
+    if fmt == "prompt_completion":
+        prompt = _text(row, data, "prompt", allow_empty=True)
+        completion = _text(row, data, "completion")
+        ex = Example(row.source, row.line, segments=[(prompt, False), (completion, True)])
+        ex.messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return ex
+    if fmt == "messages":
+        roles = {r: r for r in ROLES}
+        return Example(row.source, row.line, messages=_turns(row, data["messages"], "messages", "role", "content",
+                                                             roles))
+    return Example(row.source, row.line, messages=_turns(row, data["conversations"], "conversations", "from",
+                                                         "value", SHAREGPT_ROLES))
+
+
+def load_examples(paths: str | Iterable[str], on_bad_rows: str = "error") -> tuple[list[Example], list[DataError]]:
+    """Read and validate every row of every file (comma-separated string or list).
+
+    With on_bad_rows="skip", bad rows are returned as errors instead of raised; a file whose format cannot be
+    detected, or that holds no valid row, is always an error.
+    """
+    if on_bad_rows not in ("error", "skip"):
+        raise ValueError(f"on_bad_rows: unknown value {on_bad_rows!r}; expected 'error' or 'skip'")
+    if isinstance(paths, str):
+        paths = [p.strip() for p in paths.split(",") if p.strip()]
+    examples, skipped = [], []
+    for path in paths:
+        fmt, count = None, 0
+        for row in read_rows(path):
+            if fmt is None:
+                fmt = detect_format(row.data)
+                if fmt is None:
+                    keys = ", ".join(sorted(row.data)) if isinstance(row.data, dict) else type(row.data).__name__
+                    raise DataError(row.source, row.line, None,
+                                    f"cannot detect the data format from this row (keys: {keys}); expected "
+                                    "instruction+response, messages, prompt+completion, or conversations")
+            try:
+                examples.append(to_example(row, fmt))
+                count += 1
+            except DataError as e:
+                if on_bad_rows == "error":
+                    raise
+                skipped.append(e)
+        if count == 0:
+            raise DataError(str(path), None, None, "no valid examples")
+    return examples, skipped
+
+
+# ---------------------------------------------------------------------------------------------- tokenization
+
+
+def resolve_template(template: str, tokenizer) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"template: unknown value {template!r}; expected one of {', '.join(TEMPLATES)}")
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template: 'chat' needs a tokenizer with a chat template; use --template alpaca")
+    return template
+
+
+def render(example: Example, template: str, tokenizer) -> list[tuple[str, bool]]:
+    """The example as (text, trainable) segments under a template; the response ends with EOS."""
+    if template == "chat":
+        return _render_chat(example, tokenizer)
+    if example.segments is None:  # a conversation under a plain template: only one exchange fits
+        turns = [t for t in example.messages if t["role"] != "system"]
+        if len(turns) != 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant":
+            raise DataError(example.source, example.line, "messages",
+                            f"a multi-turn conversation needs --template chat (got template {template!r})")
+        segments = [(turns[0]["content"], False), (turns[1]["content"], True)]
+        if template == "alpaca":
+            segments[0] = (ALPACA_PROMPT.format(instruction=segments[0][0]), False)
+    else:  # alpaca rows carry their template; prompt/completion rows are used as written (as TRL does)
+        segments = list(example.segments)
+    text, _ = segments[-1]
+    if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+        segments[-1] = (text + tokenizer.eos_token, True)
+    return segments
+
+
+def _render_chat(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """Split a chat-template rendering into prompt parts and assistant turns (each trained)."""
+    messages, segments, done = example.messages, [], ""
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not prefix.startswith(done) or not full.startswith(prefix):
+            raise DataError(example.source, example.line, "messages",
+                            "the tokenizer's chat template does not render turns incrementally")
+        segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
+        done = full
+    text = segments[-1][0]
+    if tokenizer.eos_token and tokenizer.eos_token not in text:
+        segments[-1] = (text + tokenizer.eos_token, True)
+    return [(t, trainable) for t, trainable in segments if t]
+
+
+def tokenize(example: Example, template: str, tokenizer, max_length: int | None = None) -> dict[str, list[int]]:
+    """Token ids and labels (-100 on non-trainable tokens); truncated to max_length from the right."""
+    input_ids, labels = [], []
+    if getattr(tokenizer, "bos_token_id", None) is not None and getattr(tokenizer, "add_bos_token", False):
+        input_ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, trainable in render(example, template, tokenizer):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if trainable else [IGNORE_INDEX] * len(ids)
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def build_dataset(paths, tokenizer, *, template: str = "auto", max_length: int | None = None,
+                  on_bad_rows: str = "error", log=print):
+    """Load, validate and tokenize training files into a `datasets.Dataset` of input_ids / labels.
+
+    An example whose prompt alone fills max_length (nothing left to train on) is a bad row.
+    """
+    import datasets
+
+    template = resolve_template(template, tokenizer)
+    examples, skipped = load_examples(paths, on_bad_rows)
+    rows = []
+    for ex in examples:
+        try:
+            item = tokenize(ex, template, tokenizer, max_length)
+            if all(label == IGNORE_INDEX for label in item["labels"]):
+                raise DataError(ex.source, ex.line, None,
+                                f"the prompt alone fills max_length={max_length}: no response token left")
+        except DataError as e:
+            if on_bad_rows == "error":
+                raise
+            skipped.append(e)
+            continue
+        rows.append(item)
+    if skipped:
+        lines = ", ".join(f"{e.source}:{e.line}" for e in skipped[:20]) + (" ..." if len(skipped) > 20 else "")
+        log(f"Skipped {len(skipped)} bad rows: {lines}")
+    if not rows:
+        raise DataError(str(paths), None, None, "no valid examples")
+    return datasets.Dataset.from_list(rows)

