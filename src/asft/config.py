@@ -68,7 +68,21 @@ class AnchoredSFTConfig(SFTConfig):
         },
     )
 
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision (float32 master weights, autocast). Default: on when a "
+                          "bf16-capable GPU is present, off on CPU."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass: less memory, ~20-30% more time."},
+    )
+
     def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         # Validate the objective before anything heavy happens (TRL's __post_init__ sets up devices).
         try:
             self.mode = normalize_mode(self.mode)

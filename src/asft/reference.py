@@ -13,7 +13,6 @@ import copy
 
 import torch
 
-from .fused import LMHead, lm_head_of
 
 
 def _backbone(causal_lm):
@@ -22,7 +21,7 @@ def _backbone(causal_lm):
 
 
 def _clean(inputs: dict) -> dict:
-    return {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch") and v is not None}
+    return {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "use_cache") and v is not None}
 
 
 class AdapterDisabledReference:
@@ -45,7 +44,9 @@ class AdapterDisabledReference:
             causal_lm = self.peft_model.get_base_model()
             return _backbone(causal_lm)(**_clean(inputs), use_cache=False).last_hidden_state
 
-    def head(self) -> LMHead:
+    def head(self):
+        from .fused import lm_head_of
+
         return lm_head_of(self.peft_model)
 
 
@@ -67,7 +68,9 @@ class FrozenModelReference:
     def hidden(self, inputs: dict) -> torch.Tensor:
         return _backbone(self._causal_lm())(**_clean(inputs), use_cache=False).last_hidden_state
 
-    def head(self) -> LMHead:
+    def head(self):
+        from .fused import lm_head_of
+
         return lm_head_of(self._causal_lm())
 
 
