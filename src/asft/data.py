@@ -96,9 +96,10 @@ def read_rows(path: str | Path) -> Iterator[Row]:
         if not line.strip():
             continue
         try:
-            yield Row(str(p), i, json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(str(p), i, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+            data = json.loads(line)
+        except json.JSONDecodeError as e:  # a bad line is a bad row: `on_bad_rows` decides
+            data = DataError(str(p), i, None, f"malformed JSON: {e.msg} (column {e.colno})")
+        yield Row(str(p), i, data)
 
 
 def _read_hub(name: str) -> Iterator[Row]:
@@ -167,6 +168,8 @@ def _turns(row: Row, turns: Any, field: str, role_key: str, content_key: str, ro
 def to_example(row: Row, fmt: str) -> Example:
     """Validate one row of a file of format `fmt` and turn it into canonical form."""
     data = row.data
+    if isinstance(data, DataError):
+        raise data
     if not isinstance(data, dict):
         raise DataError(row.source, row.line, None, f"expected a JSON object, got {type(data).__name__}")
     if detect_format(data) != fmt:
@@ -211,7 +214,7 @@ def load_examples(paths: str | Iterable[str], on_bad_rows: str = "error") -> tup
     for path in paths:
         fmt, count = None, 0
         for row in read_rows(path):
-            if fmt is None:
+            if fmt is None and not isinstance(row.data, DataError):
                 fmt = detect_format(row.data)
                 if fmt is None:
                     keys = ", ".join(sorted(row.data)) if isinstance(row.data, dict) else type(row.data).__name__
@@ -219,6 +222,8 @@ def load_examples(paths: str | Iterable[str], on_bad_rows: str = "error") -> tup
                                     f"cannot detect the data format from this row (keys: {keys}); expected "
                                     "instruction+response, messages, prompt+completion, or conversations")
             try:
+                if fmt is None:  # only malformed lines so far
+                    raise row.data
                 examples.append(to_example(row, fmt))
                 count += 1
             except DataError as e:
