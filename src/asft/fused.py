@@ -1,0 +1,352 @@
+"""The objectives of `asft.objectives`, computed chunk by chunk from last hidden states and the lm_head.
+
+No [tokens x vocab] tensor of either model ever exists: only response rows reach the lm_head, `chunk_size` of
+them at a time; each chunk's logit gradient is formed in closed form on the spot and pushed through the lm_head
+at once (hidden rows, weight, bias), then the chunk's logits are dropped. The autograd Function's backward only
+scales the stashed gradients by grad_output, as Liger Kernel's chunked losses do.
+
+With pi = softmax(z), rho = the reference's softmax, w the detached token weight and k = kl_weight, the gradient
+of one token's loss with respect to its logits z is
+
+    w * CE_t                 w * (pi - onehot(y))
+    k * KL(rho || pi)        k * (pi - rho)                           (forward, the default)
+    k * KL(pi || rho)        k * pi * (log pi - log rho - KL_t)       (reverse)
+
+then times the soft-cap's derivative 1 - (z/cap)^2 and the logit scale, and / N (`num_items_in_batch`).
+Softmax, log-sum-exp and KL math run in float32; matmuls run in the inputs' dtype (or autocast's).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .objectives import check_arguments, select_response, token_weights, uses_kl
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """Everything that maps a last hidden state to logits."""
+
+    weight: Tensor  # [V, H] (may be a tied embedding)
+    bias: Tensor | None = None
+    logit_scale: float = 1.0  # logits multiplied by this (Cohere logit_scale, Granite 1/logits_scaling, ...)
+    softcap: float | None = None  # Gemma-2 final_logit_softcapping: cap * tanh(logits / cap), after the scale
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Full logits, as the model's own forward forms them (the naive path; used by tests and benchmarks)."""
+        return _finish(F.linear(hidden, self.weight, self.bias), self.logit_scale, self.softcap)
+
+
+def lm_head_of(model) -> LMHead:
+    """The LMHead of a causal LM (or a PeftModel around one), with the scale / soft-cap its config declares."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    module = model.get_output_embeddings()
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if isinstance(module, BaseTunerLayer) and module.active_adapters and not module.merged:
+            # Its `weight` is the base weight alone: the adapter's delta would be silently dropped.
+            raise NotImplementedError("the fused loss does not support an adapter on the lm_head; "
+                                      "use loss_implementation='naive' or leave lm_head out of target_modules")
+    except ImportError:
+        pass
+    # The same config fields TRL's add_fused_lm_head reads (trl/trainer/utils.py).
+    cfg = model.config.get_text_config()
+    scale = getattr(cfg, "logit_scale", None)  # Cohere; None on models that don't scale (MPT)
+    if scale is None:
+        scale = getattr(cfg, "output_multiplier", None)  # Muse Glimmer
+    if scale is None:
+        scale = getattr(cfg, "lm_head_multiplier", None)  # Falcon-H1
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        # Granite and MiniCPM3 divide by it, HyperCLOVA X multiplies.
+        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return LMHead(module.weight, getattr(module, "bias", None), 1.0 if scale is None else float(scale),
+                  None if softcap is None else float(softcap))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-chunk math: pure elementwise / reduction functions of [c, V] float32 logits, so torch.compile can fuse them.
+
+
+def _finish(a: Tensor, scale: float, cap: float | None) -> Tensor:
+    if scale != 1.0:
+        a = a * scale
+    if cap is not None:
+        a = torch.tanh(a / cap) * cap
+    return a
+
+
+def _chunk_stats(a, ar, y, scale: float, cap, rscale: float, rcap, direction: str):
+    """Per-token terms of a chunk from raw policy / reference logits (ar None without a reference).
+
+    Returns (stats [5, c] = log pi(y), log rho(y), entropy, hit, kl; lse; ref lse). Entropy and KL use
+    sum(p) = 1 to avoid materialising log pi: -sum pi log pi = lse - sum pi z.
+    """
+    z = _finish(a.float(), scale, cap)
+    lse = torch.logsumexp(z, -1)
+    logp_y = z.gather(1, y[:, None]).squeeze(1) - lse
+    pi = torch.exp(z - lse[:, None])
+    entropy = lse - (pi * z).sum(-1)
+    hit = (z.argmax(-1) == y).float()
+    if ar is None:
+        zero = torch.zeros_like(lse)
+        return torch.stack([logp_y, zero, entropy, hit, zero]), lse, zero
+    zr = _finish(ar.float(), rscale, rcap)
+    lser = torch.logsumexp(zr, -1)
+    logrho_y = zr.gather(1, y[:, None]).squeeze(1) - lser
+    if direction == "forward":  # sum rho (log rho - log pi)
+        kl = (torch.exp(zr - lser[:, None]) * (zr - z)).sum(-1) + (lse - lser)
+    else:  # sum pi (log pi - log rho)
+        kl = (pi * (z - zr)).sum(-1) + (lser - lse)
+    return torch.stack([logp_y, logrho_y, entropy, hit, kl]), lse, lser
+
+
+def _chunk_grad(a, ar, y, w, lse, lser, kl, k: float, scale: float, cap, rscale: float, rcap, direction: str):
+    """d(sum_t w_t CE_t + k KL_t) / d(raw logits) for a chunk (ar None or k == 0: no KL term), before / N."""
+    z = _finish(a.float(), scale, cap)
+    pi = torch.exp(z - lse[:, None])
+    if ar is None or k == 0:
+        g = pi * w[:, None]
+    elif direction == "forward":
+        zr = _finish(ar.float(), rscale, rcap)
+        g = pi * (w + k)[:, None] - k * torch.exp(zr - lser[:, None])
+    else:
+        zr = _finish(ar.float(), rscale, rcap)
+        g = pi * (w[:, None] + k * (z - zr - (lse - lser + kl)[:, None]))
+    g = g.scatter_add(1, y[:, None], -w[:, None])
+    if cap is not None:
+        g = g * (1 - (z / cap) ** 2)
+    return g * scale if scale != 1.0 else g
+
+
+class _Kernels:
+    """The chunk functions, compiled on first use where torch.compile works; eager otherwise (or ASFT_COMPILE=0)."""
+
+    def __init__(self):
+        self.compiled = None
+
+    def get(self):
+        if self.compiled is None:
+            self.compiled = False
+            if os.environ.get("ASFT_COMPILE", "1") != "0" and hasattr(torch, "compile"):
+                try:
+                    self.compiled = (torch.compile(_chunk_stats, dynamic=None), torch.compile(_chunk_grad, dynamic=None))
+                except Exception as e:  # noqa: BLE001 - any backend trouble means eager
+                    warnings.warn(f"asft.fused: torch.compile unavailable ({e}); running eager")
+        return self.compiled or (_chunk_stats, _chunk_grad)
+
+    def call(self, i, *args):
+        fn = self.get()[i]
+        if fn in (_chunk_stats, _chunk_grad):
+            return fn(*args)
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler: fall back for good
+            warnings.warn(f"asft.fused: torch.compile failed ({type(e).__name__}: {e}); running eager")
+            self.compiled = ()
+            return (_chunk_stats, _chunk_grad)[i](*args)
+
+
+KERNELS = _Kernels()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chunk loop.
+
+
+def _groups(rows: Tensor, n: int, chunk_size: int, whole_sequences: bool) -> list[list[tuple[int, int]]]:
+    """Chunks as (start, end), in groups whose weights must all be known before any gradient of the group.
+
+    Only iw-SFT's sequence weights need that (`whole_sequences`): short sequences are packed whole into one chunk
+    (one pass), a sequence longer than a chunk is its own group (a first pass for its weight, then the gradient).
+    """
+    spans = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    if not whole_sequences or n == 0:
+        return [[s] for s in spans]
+    bounds = ((rows[1:] != rows[:-1]).nonzero().squeeze(1) + 1).tolist()
+    if len(bounds) + 1 != rows.unique().numel():  # a sequence's tokens are not contiguous: everything first
+        return [spans]
+    groups, cur = [], None
+    for a, b in zip([0] + bounds, bounds + [n]):
+        if cur is not None and b - cur[0] <= chunk_size:
+            cur = (cur[0], b)
+            continue
+        if cur is not None:
+            groups.append([cur])
+        cur = None
+        if b - a > chunk_size:
+            groups.append([(s, min(s + chunk_size, b)) for s in range(a, b, chunk_size)])
+        else:
+            cur = (a, b)
+    return groups + ([[cur]] if cur is not None else [])
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _run(mode, h, w_head, b_head, rh, rw_head, rb_head, y, rows, opt):
+    """Loss sum, per-token stats [6, n] (the _chunk_stats rows + weight) and the gradients (None where not needed)."""
+    n, k, direction = y.numel(), opt["kl_weight"], opt["kl_direction"]
+    scale, cap, rscale, rcap = opt["scale"], opt["cap"], opt["rscale"], opt["rcap"]
+    kl_in_grad = uses_kl(mode)
+    dtype = _compute_dtype(h)
+    W, b = w_head.to(dtype), None if b_head is None else b_head.to(dtype)
+    hc = h.detach().to(dtype)
+    if rh is not None:
+        rdtype = _compute_dtype(rh)
+        RW = W if rw_head is w_head and rdtype == dtype else rw_head.to(rdtype)
+        Rb = None if rb_head is None else rb_head.to(rdtype)
+        rhc = rh.to(rdtype)
+    need_h, need_w = h.requires_grad, w_head.requires_grad
+    need_b = b_head is not None and b_head.requires_grad
+    # Accumulate the weight/bias gradients in float32 whatever their dtype; returned in theirs.
+    gh = torch.zeros_like(h) if need_h else None
+    gw = torch.zeros(w_head.shape, dtype=torch.float32, device=h.device) if need_w else None
+    gb = torch.zeros(b_head.shape, dtype=torch.float32, device=h.device) if need_b else None
+    stats = torch.zeros(6, n, dtype=torch.float32, device=h.device)
+    lses = torch.zeros(2, n, dtype=torch.float32, device=h.device)
+    inv_n = 1.0 / opt["denom"]
+
+    def logits(s, e, ref=False):
+        return F.linear(rhc[s:e], RW, Rb) if ref else F.linear(hc[s:e], W, b)
+
+    def weights(s, e):
+        return token_weights(mode, stats[0, s:e], stats[1, s:e], rows[s:e],
+                             iw_max=opt["iw_max"], iw_level=opt["iw_level"])
+
+    by_seq = mode == "iw_sft" and opt["iw_level"] == "sequence"
+    for group in _groups(rows, n, opt["chunk_size"], by_seq):
+        two_pass = len(group) > 1
+        if two_pass:  # iw-SFT, a sequence longer than a chunk: its weight first
+            for s, e in group:
+                stats[:5, s:e], lses[0, s:e], lses[1, s:e] = KERNELS.call(
+                    0, logits(s, e), logits(s, e, True), y[s:e], scale, cap, rscale, rcap, direction)
+            gs, ge = group[0][0], group[-1][1]
+            stats[5, gs:ge] = weights(gs, ge)
+        for s, e in group:
+            a = logits(s, e)
+            ar = logits(s, e, True) if rh is not None and (kl_in_grad or not two_pass) else None
+            if not two_pass:
+                stats[:5, s:e], lses[0, s:e], lses[1, s:e] = KERNELS.call(
+                    0, a, ar, y[s:e], scale, cap, rscale, rcap, direction)
+                stats[5, s:e] = weights(s, e)
+            if not (need_h or need_w or need_b):
+                continue
+            g = KERNELS.call(1, a, ar if kl_in_grad else None, y[s:e], stats[5, s:e], lses[0, s:e], lses[1, s:e],
+                             stats[4, s:e], k, scale, cap, rscale, rcap, direction)
+            del a, ar
+            if need_h:
+                gh[s:e] = (g.to(dtype) @ W).mul_(inv_n)
+            if need_w:  # float32 from the float32 logit gradient: exact accumulation in any input dtype
+                gw.addmm_(g.t(), hc[s:e].float(), alpha=inv_n)
+            if need_b:
+                gb.add_(g.sum(0), alpha=inv_n)
+            del g
+    per_token = stats[5] * -stats[0] + (k * stats[4] if kl_in_grad else 0.0)
+    if gw is not None:
+        gw = gw.to(w_head.dtype)
+    if gb is not None:
+        gb = gb.to(b_head.dtype)
+    return per_token.sum() * inv_n, stats, gh, gw, gb
+
+
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, ref_h, ref_weight, ref_bias, y, rows, mode, opt):
+        loss, stats, gh, gw, gb = _run(mode, h, weight, bias, ref_h, ref_weight, ref_bias, y, rows, opt)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        gh, gw, gb = ctx.saved_tensors
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            # In place, as Liger does: a second [V, H] buffer would cost as much as the weight gradient itself.
+            gh, gw, gb = (None if x is None else x.mul_(grad_loss.to(x.dtype)) for x in (gh, gw, gb))
+        return gh, gw, gb, None, None, None, None, None, None, None
+
+
+def fused_loss_selected(
+    mode: str,
+    hidden: Tensor,
+    targets: Tensor,
+    rows: Tensor,
+    head: LMHead,
+    ref_hidden: Tensor | None = None,
+    ref_head: LMHead | None = None,
+    *,
+    kl_weight: float = 0.03,
+    kl_direction: str = "forward",
+    iw_max: float = 16.0,
+    iw_level: str = "sequence",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, dict[str, float]]:
+    """The loss of `mode` on already-selected response rows: hidden [n, H] predicting targets [n], rows [n] the
+    batch row of each (iw-SFT's sequences). `ref_head` defaults to `head` (LoRA: the same weight, adapters off)."""
+    mode = check_arguments(mode, ref_hidden is not None, kl_weight, kl_direction, iw_max)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    ref_head = ref_head or head
+    n = targets.numel()
+    denom = n if num_items_in_batch is None else num_items_in_batch
+    opt = dict(kl_weight=float(kl_weight), kl_direction=kl_direction, iw_max=float(iw_max), iw_level=iw_level,
+               chunk_size=int(chunk_size), denom=max(float(denom), 1.0), scale=float(head.logit_scale),
+               cap=head.softcap, rscale=float(ref_head.logit_scale), rcap=ref_head.softcap)
+    ref_args = (None, None, None)
+    if ref_hidden is not None:  # the reference never receives gradients
+        ref_args = (ref_hidden.detach(), ref_head.weight.detach(),
+                    None if ref_head.bias is None else ref_head.bias.detach())
+    loss, stats = _FusedLoss.apply(hidden, head.weight, head.bias, *ref_args, targets, rows, mode, opt)
+    if n == 0:
+        return loss, {"num_tokens": 0.0}
+    logp_y, _, entropy, hit, kl, weight = stats
+    metrics = {
+        "nll": -logp_y.mean(),
+        "weighted_nll": (weight * -logp_y).mean(),
+        "mean_prob": logp_y.exp().mean(),
+        "mean_weight": weight.mean(),
+        "entropy": entropy.mean(),
+        "token_accuracy": hit.mean(),
+    }
+    if ref_hidden is not None:
+        metrics["kl"] = kl.mean()
+    metrics = {key: float(v) for key, v in metrics.items()}
+    metrics["num_tokens"] = float(n)
+    return loss, metrics
+
+
+def fused_token_loss(
+    mode: str,
+    hidden: Tensor,
+    labels: Tensor,
+    head: LMHead,
+    ref_hidden: Tensor | None = None,
+    ref_head: LMHead | None = None,
+    *,
+    kl_weight: float = 0.03,
+    kl_direction: str = "forward",
+    iw_max: float = 16.0,
+    iw_level: str = "sequence",
+    num_items_in_batch: int | Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, dict[str, float]]:
+    """`objectives.token_loss` from last hidden states [B, T, H] and unshifted labels [B, T]: same loss, same
+    metrics, same reduction; no [tokens x vocab] tensor. Masked positions never reach the lm_head."""
+    h, y, rows = select_response(hidden, labels, ignore_index)
+    ref_h = None if ref_hidden is None else select_response(ref_hidden, labels, ignore_index)[0]
+    return fused_loss_selected(mode, h, y, rows, head, ref_h, ref_head, kl_weight=kl_weight,
+                               kl_direction=kl_direction, iw_max=iw_max, iw_level=iw_level,
+                               num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
