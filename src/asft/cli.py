@@ -21,6 +21,7 @@ commands:
   train       fine-tune a causal LM with sft | dft | sft_kl | asft | iw_sft
   eval        evaluate a model (medical, math, judge, drift)
   merge-lora  merge a LoRA adapter into its base model
+  data        download, convert and inspect training data
   quickstart  offline ASFT demo on the embedded SmolLM2-135M-Instruct (about 5 minutes on 2 CPU cores)
 
 `asft COMMAND --help` describes each command."""
@@ -165,7 +166,8 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
 
 def train(argv: list[str]) -> int:
     script, config = parse_train_args(argv)
-    check_output_dir(config.output_dir, script.overwrite_output_dir, bool(config.resume_from_checkpoint))
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    check_output_dir(config.output_dir, script.overwrite_output_dir, resume is not None)
 
     from .data import build_dataset
     from .models import load_model, load_tokenizer, lora_config, resolve_model_path
@@ -190,7 +192,13 @@ def train(argv: list[str]) -> int:
     trainer = AnchoredSFTTrainer(model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                                  processing_class=tokenizer, peft_config=peft_config)
     describe_run(trainer)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.stopper.signum is not None:
+        from .trainer import last_checkpoint
+
+        print(f"Stopped at step {trainer.state.global_step}; checkpoint: {last_checkpoint(config.output_dir)}. "
+              "To continue, run the same command with --resume_from_checkpoint last", flush=True)
+        return 128 + trainer.stopper.signum
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
@@ -198,6 +206,22 @@ def train(argv: list[str]) -> int:
         print(f"Saved the trained {kind} to {config.output_dir}; per-step metrics in "
               f"{Path(config.output_dir) / 'metrics.jsonl'}")
     return 0
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint last` -> the newest complete checkpoint; a path must be a complete one."""
+    from .trainer import is_complete_checkpoint, last_checkpoint
+
+    if not value or value.lower() in ("false", "no", "none"):
+        return None
+    if value.lower() in ("last", "latest", "true"):
+        found = last_checkpoint(output_dir)
+        if found is None:
+            raise UsageError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}")
+        return str(found)
+    if not is_complete_checkpoint(Path(value)):
+        raise UsageError(f"resume_from_checkpoint: {value} is not a complete checkpoint (no trainer_state.json)")
+    return value
 
 
 def describe_run(trainer) -> None:
@@ -243,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": train, "merge-lora": merge_lora}
     if command == "eval":
         from .evaluation.cli import main as command_main
+    elif command == "data":
+        from .data_cli import main as command_main
     elif command == "quickstart":
         from .quickstart import main as command_main
     elif command in commands:
@@ -262,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         # Our own validation errors (data file:line:field, config values, model paths): one clear line.
         print(f"asft {command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "TrainingDivergedError":
+            raise
+        print(f"asft {command}: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import math
+import signal
+import threading
 import types
 import warnings
 from collections import defaultdict
@@ -29,6 +32,64 @@ class MetricsFileCallback(TrainerCallback):
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the term that went bad."""
+
+
+class GracefulStopCallback(TrainerCallback):
+    """On SIGTERM / SIGINT, finish the current step, save a checkpoint and stop (no half-written state).
+
+    A second signal falls through to the previous handler (e.g. KeyboardInterrupt), for a user who insists.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            previous = self._previous.get(signum)
+            if callable(previous):
+                previous(signum, frame)
+            return
+        self.signum = signum
+        print(f"\nReceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
+              "stopping.", flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint is complete once its trainer_state.json, the last file the Trainer writes, parses."""
+    try:
+        json.loads((Path(path) / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in output_dir; one cut short by a kill during saving is passed over."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for path in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if is_complete_checkpoint(path):
+            return path
+    return None
 
 
 def _add_fused_forward(causal_lm: nn.Module) -> None:
@@ -70,6 +131,8 @@ class AnchoredSFTTrainer(SFTTrainer):
             raise TypeError("args must be an AnchoredSFTConfig")
         super().__init__(model, args=args, **kwargs)
         self.add_callback(MetricsFileCallback())
+        self.stopper = GracefulStopCallback()
+        self.add_callback(self.stopper)
         # Global normalisation: the loss divides by the step's response tokens itself, so the Trainer must count
         # them (num_items_in_batch) and must not divide by the accumulation steps again.
         global_norm = args.loss_normalization == "global"
@@ -168,11 +231,21 @@ class AnchoredSFTTrainer(SFTTrainer):
             logits = model(**model_inputs).logits
             loss, terms = token_loss(mode, logits, labels, ref_logits, **kwargs)
 
+        if not math.isfinite(loss.item()):
+            self._raise_diverged(loss, terms)
         # `num_items_in_batch` counts the tokens of every rank while DDP averages gradients across ranks.
         if self.args.average_tokens_across_devices and kwargs["num_items_in_batch"] is not None:
             loss = loss * self.accelerator.num_processes
         self._accumulate_terms(split, terms)
         return (loss, CausalLMOutput(loss=loss)) if return_outputs else loss
+
+    def _raise_diverged(self, loss, terms):
+        bad = [k for k, v in terms.items() if not math.isfinite(v)] or ["loss"]
+        last = last_checkpoint(self.args.output_dir)
+        raise TrainingDivergedError(
+            f"step {self.state.global_step + 1}: the loss is {loss.item()}; non-finite term(s): {', '.join(bad)}. "
+            + (f"The last good checkpoint is {last}." if last else "No checkpoint was saved before this step.")
+            + " Lower the learning rate, or use --bf16 instead of fp16.")
 
     # --------------------------------------------------------------------------------------------- metrics
 

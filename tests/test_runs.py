@@ -1,0 +1,127 @@
+"""Runs that never lose work: exact resume, graceful SIGTERM, NaN detection, checkpoints cut short by a kill."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from asft import AnchoredSFTConfig, AnchoredSFTTrainer
+from asft.cli import main
+from asft.trainer import TrainingDivergedError, last_checkpoint
+from conftest import build_model
+from test_trainer import uneven_dataset
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"instruction": f"add {a} and {b}", "response": f"{a} + {b} = {a + b}"} for a in range(3)
+            for b in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def args_for(model_dir, data_file, out, *extra):
+    return ["train", "--model_name_or_path", str(model_dir), "--data_path", str(data_file), "--output_dir", str(out),
+            "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--lr_scheduler_type", "linear",
+            "--logging_steps", "1", "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "3", *extra]
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "nll" in r}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_continues_the_same_run(tiny_model_dir, data_file, tmp_path, lora):
+    extra = ["--max_steps", "6", "--save_steps", "3", "--mode", "asft"] + (["--use_lora"] if lora else [])
+    straight = tmp_path / "straight"
+    assert main(args_for(tiny_model_dir, data_file, straight, *extra)) == 0
+    # A second run that only got as far as the step-3 checkpoint, then resumed (9 examples / 2 per step:
+    # the resume crosses an epoch boundary, so data order and the LR schedule must both be restored).
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    assert main(args_for(tiny_model_dir, data_file, resumed, *extra, "--resume_from_checkpoint", "last")) == 0
+    first, second = losses(straight), losses(resumed)
+    assert sorted(second) == [4, 5, 6]
+    for step in second:
+        assert second[step] == pytest.approx(first[step], rel=1e-5)
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    a, b = load_file(straight / name), load_file(resumed / name)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "asft.cli", *args_for(tiny_model_dir, data_file, out, "--max_steps", "100000",
+                                                       "--save_strategy", "no", "--mode", "sft")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output and "--resume_from_checkpoint last" in output
+    checkpoint = last_checkpoint(out)
+    assert checkpoint is not None and (checkpoint / "model.safetensors").exists()
+    step = int(checkpoint.name.split("-")[1])
+    assert main(args_for(tiny_model_dir, data_file, out, "--max_steps", str(step + 2), "--save_strategy", "no",
+                         "--mode", "sft", "--resume_from_checkpoint", "last")) == 0
+    assert max(losses(out)) == step + 2
+
+
+def small_trainer(tokenizer, tmp_path, callbacks=(), **kwargs):
+    args = AnchoredSFTConfig(output_dir=str(tmp_path / "out"), mode="asft", per_device_train_batch_size=2,
+                             report_to="none", disable_tqdm=True, use_cpu=True, **kwargs)
+    trainer = AnchoredSFTTrainer(build_model(tokenizer), args=args, train_dataset=uneven_dataset(tokenizer),
+                                 processing_class=tokenizer, callbacks=list(callbacks))
+    return trainer
+
+
+def test_nan_names_the_step_and_the_term(tokenizer, tmp_path):
+    from transformers import TrainerCallback
+
+    class PoisonReference(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    trainer.ref_model.lm_head.weight[3] = float("nan")
+
+    trainer = small_trainer(tokenizer, tmp_path, [PoisonReference()], max_steps=4, save_steps=1)
+    with pytest.raises(TrainingDivergedError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "step 3" in message and "kl" in message and "nll" not in message
+    assert "checkpoint-2" in message and last_checkpoint(tmp_path / "out").name == "checkpoint-2"
+
+
+def test_a_checkpoint_cut_short_is_passed_over(tokenizer, tmp_path, monkeypatch):
+    trainer = small_trainer(tokenizer, tmp_path, max_steps=4, save_steps=2)
+    original = type(trainer)._save_rng_state
+
+    def killed_on_second_save(self, output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            raise KeyboardInterrupt("killed while saving")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(type(trainer), "_save_rng_state", killed_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    out = tmp_path / "out"
+    assert (out / "checkpoint-4").exists()  # the partial folder is there ...
+    assert last_checkpoint(out).name == "checkpoint-2"  # ... and `last` passes it over
+    monkeypatch.undo()
+    resumed = small_trainer(tokenizer, tmp_path, max_steps=4, save_steps=2)
+    resumed.train(resume_from_checkpoint=str(last_checkpoint(out)))
+    assert resumed.state.global_step == 4
