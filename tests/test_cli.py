@@ -107,3 +107,13 @@ def test_output_dir_with_another_run_is_refused(tiny_model_dir, data_file, tmp_p
     assert main(train_args(tiny_model_dir, data_file, out, "--mode", "sft")) == 2
     assert "overwrite_output_dir" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("name", ["sft", "dft", "sft_kl", "asft", "iw_sft", "quickstart"])
+def test_shipped_examples_parse(name):
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / f"{name}.yaml"
+    script, cfg = parse_train_args([str(example), "--model_name_or_path", "m", "--data_path", "d",
+                                    "--output_dir", "o"])
+    assert cfg.mode == (name if name != "quickstart" else "asft")

@@ -290,13 +290,14 @@ def _render_chat(example: Example, tokenizer) -> list[tuple[str, bool]]:
 def tokenize(example: Example, template: str, tokenizer, max_length: int | None = None) -> dict[str, list[int]]:
     """Token ids and labels (-100 on non-trainable tokens); truncated to max_length from the right."""
     input_ids, labels = [], []
-    if getattr(tokenizer, "bos_token_id", None) is not None and getattr(tokenizer, "add_bos_token", False):
-        input_ids.append(tokenizer.bos_token_id)
-        labels.append(IGNORE_INDEX)
     for text, trainable in render(example, template, tokenizer):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if trainable else [IGNORE_INDEX] * len(ids)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    # BOS as the tokenizer would add it, but never twice (a chat template may already start with it).
+    if bos is not None and getattr(tokenizer, "add_bos_token", False) and input_ids[:1] != [bos]:
+        input_ids, labels = [bos] + input_ids, [IGNORE_INDEX] + labels
     if max_length is not None:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return {"input_ids": input_ids, "labels": labels}

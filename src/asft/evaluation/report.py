@@ -1,0 +1,62 @@
+"""results.json, predictions.jsonl and the markdown table: one format for every task and backend."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .store import write_json
+
+
+@dataclass
+class DatasetResult:
+    name: str
+    file: str
+    format: str
+    metric: str
+    value: float | None  # None when nothing could be scored (e.g. judge without a judge model)
+    n: int
+    extra: dict = field(default_factory=dict)
+    predictions: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"file": self.file, "format": self.format, "metric": self.metric, "value": self.value, "n": self.n,
+                **self.extra}
+
+
+def macro_average(results: list[DatasetResult]) -> dict:
+    values = [r.value for r in results if r.value is not None and r.n > 0]
+    metrics = sorted({r.metric for r in results})
+    return {"metric": metrics[0] if len(metrics) == 1 else "/".join(metrics),
+            "value": sum(values) / len(values) if values else None, "n_datasets": len(values)}
+
+
+def write_results(out_dir: Path, header: dict, results: list[DatasetResult]) -> dict:
+    from .. import __version__
+
+    report = {**header, "asft_version": __version__, "created": datetime.now(timezone.utc).isoformat(),
+              "datasets": {r.name: r.summary() for r in results}, "macro_average": macro_average(results)}
+    write_json(out_dir / "results.json", report)
+    tmp = out_dir / ".predictions.jsonl.tmp"
+    with tmp.open("w") as f:
+        for r in results:
+            for p in r.predictions:
+                f.write(json.dumps({"dataset": r.name, **p}, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_dir / "predictions.jsonl")
+    return report
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| dataset | metric | value | n |", "|---|---|---:|---:|"]
+    for name, r in report["datasets"].items():
+        lines.append(f"| {name} | {r['metric']} | {_fmt(r['value'])} | {r['n']} |")
+    avg = report["macro_average"]
+    lines.append(f"| **macro average** | {avg['metric']} | {_fmt(avg['value'])} | {avg['n_datasets']} datasets |")
+    return "\n".join(lines)
