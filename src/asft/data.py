@@ -8,15 +8,22 @@ Formats, detected per file from the first row's keys:
 
 Canonical form: a list of (text, trainable) segments. Rendering is where templates apply; tokenization then
 concatenates the segments' tokens, labelling the trainable ones. Problems are reported with file, line and field
-before any model compute is spent.
+before any model compute is spent. `example_to_row` and `write_jsonl` write examples back in any format
+(`asft data convert`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from .errors import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -36,7 +43,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 class DataError(ValueError):
-    """Bad training data, located by file, line (1-based; the item index for JSON arrays) and field."""
+    """Bad training data, located by file, line (1-based; the item index for JSON arrays and parquet) and field."""
 
     def __init__(self, source: str, line: int | None, field: str | None, message: str):
         self.source, self.line, self.field, self.message = source, line, field, message
@@ -59,47 +66,90 @@ class Example:
     line: int
     segments: list[tuple[str, bool]] | None = None  # (text, trainable), for alpaca / prompt_completion
     messages: list[dict[str, str]] | None = None  # chat turns, for messages / sharegpt
+    fields: dict[str, str] | None = None  # alpaca's instruction / input / response, to convert without loss
+    format: str | None = None  # the format of the file it came from
 
 
 # ----------------------------------------------------------------------------------------------------- reading
 
 
 def read_rows(path: str | Path) -> Iterator[Row]:
-    """Yield the rows of a JSONL / JSON / parquet file, or of a `datasets` name (its train split)."""
+    """Yield the rows of a JSONL / JSON / parquet file, or of a `datasets` name (its train split).
+
+    Whatever the bytes, this yields rows or raises DataError: a malformed JSONL line is yielded as a DataError
+    row (so `on_bad_rows` decides), a file that cannot be read at all is raised.
+    """
     p = Path(path)
     if not p.exists():
         if str(path).endswith((".jsonl", ".json", ".parquet")) or str(path).startswith((".", "/", "~")):
             raise DataError(str(path), None, None, "file not found")
         yield from _read_hub(str(path))
         return
+    if p.is_dir():
+        raise DataError(str(p), None, None, "is a directory; give the data files (comma-separated)")
     if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, item in enumerate(pq.read_table(p).to_pylist(), start=1):
-            yield Row(str(p), i, item)
+        yield from _read_parquet(p)
         return
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DataError(str(p), None, None, f"cannot read: {e.strerror or e}") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(str(p), line, None, "not valid UTF-8") from None
-    if p.suffix == ".json" and text.lstrip().startswith("["):
+    if p.suffix == ".json":
+        # A .json file is one JSON value (an array of rows, or one row), or JSONL under another name.
         try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(str(p), e.lineno, None, f"malformed JSON: {e.msg}") from None
-        for i, item in enumerate(items, start=1):
-            yield Row(str(p), i, item)
-        return
-    for i, line in enumerate(text.splitlines(), start=1):
+            whole = _loads(text)
+        except ValueError as e:
+            if text.lstrip().startswith("["):
+                raise DataError(str(p), getattr(e, "lineno", None), None, f"malformed JSON: {_why(e)}") from None
+        else:
+            for i, item in enumerate(whole if isinstance(whole, list) else [whole], start=1):
+                yield Row(str(p), i, item)
+            return
+    # Only "\n" ends a line: str.splitlines() would also split inside a JSON string holding U+2028 or U+0085.
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
-        except json.JSONDecodeError as e:  # a bad line is a bad row: `on_bad_rows` decides
-            data = DataError(str(p), i, None, f"malformed JSON: {e.msg} (column {e.colno})")
+            data = _loads(line)
+        except ValueError as e:  # a bad line is a bad row: `on_bad_rows` decides
+            data = DataError(str(p), i, None, f"malformed JSON: {_why(e)}")
         yield Row(str(p), i, data)
+
+
+def _loads(text: str) -> Any:
+    """json.loads, with the non-JSONDecodeError failures (too deep, a number too long) as ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _why(e: ValueError) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} (line {e.lineno}, column {e.colno})" if e.lineno > 1 else f"{e.msg} (column {e.colno})"
+    return str(e)
+
+
+def _read_parquet(p: Path) -> Iterator[Row]:
+    # pyarrow reads parquet without unpickling anything; any failure of a damaged file becomes one DataError.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(p).iter_batches()
+        line = 0
+        for batch in batches:
+            for item in batch.to_pylist():
+                line += 1
+                yield Row(str(p), line, item)
+    except (pa.ArrowException, OSError, ValueError, TypeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(str(p), None, None, f"cannot read as parquet: {why}") from None
 
 
 def _read_hub(name: str) -> Iterator[Row]:
@@ -140,7 +190,22 @@ def _text(row: Row, data: dict, field: str, *, required: bool = True, allow_empt
         raise DataError(row.source, row.line, field, f"expected a string, got {type(value).__name__}")
     if required and not allow_empty and not value.strip():
         raise DataError(row.source, row.line, field, "empty")
+    return _encodable(row, field, value)
+
+
+def _encodable(row: Row, field: str, value: str) -> str:
+    # JSON may spell a lone UTF-16 surrogate ("\\ud800"); no tokenizer or UTF-8 writer accepts one.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(row.source, row.line, field,
+                        f"holds an unpaired surrogate {value[e.start]!r} at character {e.start}") from None
     return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _turns(row: Row, turns: Any, field: str, role_key: str, content_key: str, roles: dict[str, str]):
@@ -152,16 +217,19 @@ def _turns(row: Row, turns: Any, field: str, role_key: str, content_key: str, ro
         if not isinstance(turn, dict):
             raise DataError(row.source, row.line, where, "expected an object")
         role = turn.get(role_key)
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             raise DataError(row.source, row.line, f"{where}.{role_key}",
-                            f"unknown role {role!r}; expected one of {', '.join(roles)}")
+                            f"unknown role {_short(role)}; expected one of {', '.join(roles)}")
         content = turn.get(content_key)
         if not isinstance(content, str):
             raise DataError(row.source, row.line, f"{where}.{content_key}",
                             "missing" if content is None else f"expected a string, got {type(content).__name__}")
-        out.append({"role": roles[role], "content": content})
+        out.append({"role": roles[role], "content": _encodable(row, f"{where}.{content_key}", content)})
     if not any(t["role"] == "assistant" and t["content"].strip() for t in out):
         raise DataError(row.source, row.line, field, "no non-empty assistant turn to train on")
+    if out[0]["role"] == "assistant":  # no template renders an empty prompt (transformers refuses one)
+        raise DataError(row.source, row.line, f"{field}[0].{role_key}",
+                        "the conversation starts with an assistant turn; give a user or system turn before it")
     return out
 
 
@@ -174,7 +242,7 @@ def to_example(row: Row, fmt: str) -> Example:
         raise DataError(row.source, row.line, None, f"expected a JSON object, got {type(data).__name__}")
     if detect_format(data) != fmt:
         raise DataError(row.source, row.line, None,
-                        f"row does not match the file's format {fmt!r} (keys: {', '.join(sorted(data)) or 'none'})")
+                        f"row does not match the file's format {fmt!r} (keys: {_keys(data)})")
     if fmt == "alpaca":
         instruction = _text(row, data, "instruction")
         extra = _text(row, data, "input", required=False)
@@ -185,19 +253,22 @@ def to_example(row: Row, fmt: str) -> Example:
         ex = Example(row.source, row.line, segments=[(prompt, False), (response, True)])
         ex.messages = [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra.strip() else "")},
                        {"role": "assistant", "content": response}]
+        ex.fields = {"instruction": instruction, "input": extra, "response": response}
+        ex.format = fmt
         return ex
     if fmt == "prompt_completion":
         prompt = _text(row, data, "prompt", allow_empty=True)
         completion = _text(row, data, "completion")
         ex = Example(row.source, row.line, segments=[(prompt, False), (completion, True)])
         ex.messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        ex.format = fmt
         return ex
     if fmt == "messages":
         roles = {r: r for r in ROLES}
         return Example(row.source, row.line, messages=_turns(row, data["messages"], "messages", "role", "content",
-                                                             roles))
+                                                             roles), format=fmt)
     return Example(row.source, row.line, messages=_turns(row, data["conversations"], "conversations", "from",
-                                                         "value", SHAREGPT_ROLES))
+                                                         "value", SHAREGPT_ROLES), format=fmt)
 
 
 def load_examples(paths: str | Iterable[str], on_bad_rows: str = "error") -> tuple[list[Example], list[DataError]]:
@@ -207,23 +278,22 @@ def load_examples(paths: str | Iterable[str], on_bad_rows: str = "error") -> tup
     detected, or that holds no valid row, is always an error.
     """
     if on_bad_rows not in ("error", "skip"):
-        raise ValueError(f"on_bad_rows: unknown value {on_bad_rows!r}; expected 'error' or 'skip'")
+        raise ConfigError(f"on_bad_rows: unknown value {on_bad_rows!r}; expected 'error' or 'skip'")
     if isinstance(paths, str):
         paths = [p.strip() for p in paths.split(",") if p.strip()]
     examples, skipped = [], []
     for path in paths:
-        fmt, count = None, 0
+        fmt, count, undetected = None, 0, None
         for row in read_rows(path):
-            if fmt is None and not isinstance(row.data, DataError):
-                fmt = detect_format(row.data)
-                if fmt is None:
-                    keys = ", ".join(sorted(row.data)) if isinstance(row.data, dict) else type(row.data).__name__
-                    raise DataError(row.source, row.line, None,
-                                    f"cannot detect the data format from this row (keys: {keys}); expected "
-                                    "instruction+response, messages, prompt+completion, or conversations")
             try:
-                if fmt is None:  # only malformed lines so far
+                if isinstance(row.data, DataError):
                     raise row.data
+                if fmt is None:
+                    fmt = detect_format(row.data)
+                    if fmt is None:  # when skipping, a later row may still reveal the file's format
+                        error = _undetectable(row)
+                        undetected = undetected or error
+                        raise error
                 examples.append(to_example(row, fmt))
                 count += 1
             except DataError as e:
@@ -231,8 +301,100 @@ def load_examples(paths: str | Iterable[str], on_bad_rows: str = "error") -> tup
                     raise
                 skipped.append(e)
         if count == 0:
-            raise DataError(str(path), None, None, "no valid examples")
+            raise undetected or DataError(str(path), None, None, "no valid examples")
     return examples, skipped
+
+
+def _keys(data: dict) -> str:
+    keys = [k if len(k) <= 30 else k[:27] + "..." for k in sorted(data)[:10]]
+    return ", ".join(keys) + (", ..." if len(data) > 10 else "") or "none"
+
+
+def _undetectable(row: Row) -> DataError:
+    keys = _keys(row.data) if isinstance(row.data, dict) else type(row.data).__name__
+    return DataError(row.source, row.line, None, f"cannot detect the data format from this row (keys: {keys}); "
+                     "expected instruction+response, messages, prompt+completion, or conversations")
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+
+def example_to_row(example: Example, fmt: str) -> dict[str, Any]:
+    """One example as a row of format `fmt`, checked by reading it back as `asft train` would.
+
+    messages / sharegpt keep every turn. alpaca / prompt_completion hold one exchange: a conversation with more
+    turns is a DataError naming its file and line; leading system turns are prepended to the prompt, separated by
+    a blank line, so nothing is dropped. Templates are not written into the text: the Alpaca wrapper is applied at
+    training time (`asft train --template alpaca`), so alpaca -> prompt_completion gives prompt = instruction
+    (+ blank line + input).
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"format: unknown value {fmt!r}; expected one of {', '.join(FORMATS)}")
+    turns = example.messages
+    if fmt == "messages":
+        row = {"messages": [{"role": t["role"], "content": t["content"]} for t in turns]}
+    elif fmt == "sharegpt":
+        names = {"system": "system", "user": "human", "assistant": "gpt"}
+        row = {"conversations": [{"from": names[t["role"]], "value": t["content"]} for t in turns]}
+    elif fmt == "alpaca" and example.fields:  # alpaca to alpaca keeps `input` apart
+        f = example.fields
+        row = {"instruction": f["instruction"], **({"input": f["input"]} if f["input"] else {}),
+               "response": f["response"]}
+    else:
+        roles = [t["role"] for t in turns]
+        k = next((i for i, r in enumerate(roles) if r != "system"), len(roles))
+        if roles[k:] != ["user", "assistant"]:
+            raise DataError(example.source, example.line, _conversation_field(example),
+                            f"a conversation with turns ({', '.join(roles)}) cannot be written as {fmt}, which holds "
+                            "one user turn and one assistant turn; convert it to messages or sharegpt")
+        prompt = "\n\n".join(t["content"] for t in turns[: k + 1])
+        response = turns[k + 1]["content"]
+        row = {"instruction": prompt, "response": response} if fmt == "alpaca" else \
+            {"prompt": prompt, "completion": response}
+    try:
+        to_example(Row(example.source, example.line, row), fmt)
+    except DataError as e:  # e.g. an empty prompt becomes an empty (refused) alpaca instruction
+        raise DataError(example.source, example.line, e.field, f"cannot be written as {fmt}: {e.message}") from None
+    return row
+
+
+def _conversation_field(example: Example) -> str:
+    return "conversations" if example.format == "sharegpt" else "messages"
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict], *, overwrite: bool = False) -> int:
+    """Write rows as JSONL, atomically (see `atomic_path`); return how many."""
+    count = 0
+    with atomic_path(path, overwrite) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+        f.flush()
+        os.fsync(f.fileno())
+    return count
+
+
+@contextmanager
+def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of `path` to fill, renamed over `path` when the block succeeds: an interrupted write
+    leaves the old file (or none), never half a file. An existing file is replaced only with `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if path.exists():
+            shutil.copymode(path, tmp)
+        else:  # mkstemp makes the file private; give it the mode a plain open() would
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- tokenization
@@ -240,11 +402,11 @@ def load_examples(paths: str | Iterable[str], on_bad_rows: str = "error") -> tup
 
 def resolve_template(template: str, tokenizer) -> str:
     if template not in TEMPLATES:
-        raise ValueError(f"template: unknown value {template!r}; expected one of {', '.join(TEMPLATES)}")
+        raise ConfigError(f"template: unknown value {template!r}; expected one of {', '.join(TEMPLATES)}")
     if template == "auto":
         return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("template: 'chat' needs a tokenizer with a chat template; use --template alpaca")
+        raise ConfigError("template: 'chat' needs a tokenizer with a chat template; use --template alpaca")
     return template
 
 
@@ -255,7 +417,7 @@ def render(example: Example, template: str, tokenizer) -> list[tuple[str, bool]]
     if example.segments is None:  # a conversation under a plain template: only one exchange fits
         turns = [t for t in example.messages if t["role"] != "system"]
         if len(turns) != 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant":
-            raise DataError(example.source, example.line, "messages",
+            raise DataError(example.source, example.line, _conversation_field(example),
                             f"a multi-turn conversation needs --template chat (got template {template!r})")
         segments = [(turns[0]["content"], False), (turns[1]["content"], True)]
         if template == "alpaca":
@@ -277,7 +439,7 @@ def _render_chat(example: Example, tokenizer) -> list[tuple[str, bool]]:
         prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not prefix.startswith(done) or not full.startswith(prefix):
-            raise DataError(example.source, example.line, "messages",
+            raise DataError(example.source, example.line, _conversation_field(example),
                             "the tokenizer's chat template does not render turns incrementally")
         segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
         done = full
