@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 0
     from .data import DataError
-    from .models import ModelLoadError
+    from .errors import ModelLoadError
 
     try:
         return command_main(rest)

