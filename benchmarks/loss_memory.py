@@ -3,15 +3,18 @@
     python benchmarks/loss_memory.py                     # the issue's sizes: 2,048 tokens, hidden 2,048, float32
     python benchmarks/loss_memory.py --tokens 256 --vocabs 32000 --modes sft,asft    # a quick look
 
-For each vocabulary and mode, each path runs in a fresh subprocess: policy hidden states [2, tokens/2 + 1, H]
-(every shifted position a response token, two sequences), a reference's hidden states, an lm_head weight [V, H]
-that requires grad (the reference uses the same weight, detached, as under LoRA), then forward + backward.
+For each vocabulary and mode, each path runs in a fresh subprocess: policy hidden states [rows, tokens/rows + 1, H]
+(every shifted position a response token: `rows` sequences of tokens/rows), a reference's hidden states, an
+lm_head weight [V, H] that requires grad (the reference uses the same weight, detached, as under LoRA), then
+forward + backward. The layout matters to iw_sft only: a sequence longer than --chunk-size costs its fused path
+one more policy matmul (its sequence weight is needed before any of its gradients); try --rows 2.
 
-Memory: "extra peak" is the process's peak resident set during forward + backward minus its resident set once the
-inputs and a [V, H] float32 buffer standing for the lm_head weight gradient (which every path must hold) are
-allocated. The buffer is freed just before the run and the kernel's peak counter (VmHWM) is reset through
-/proc/self/clear_refs, so the path's own gradient refills that room and the warm-up's peak is not counted. Large
-tensors are mmap'd by the allocator, so freed memory leaves the resident set at once and RSS tracks live tensors.
+Memory: "extra peak" = the process's peak resident set during forward + backward (VmHWM, reset through
+/proc/self/clear_refs after the warm-up) - its resident set once the inputs exist - the size of the lm_head weight
+gradient, which every path must hold. Large tensors are mmap'd by the allocator, so freed memory leaves the
+resident set at once and RSS tracks live tensors. The fused path holds its weight gradient from the start; the
+naive one only at the end of backward, so if its peak comes earlier the subtraction understates its extra memory
+(the ratio errs in the naive path's favour).
 Time: forward + backward, the minimum over --repeats runs, after a one-chunk warm-up (torch.compile, if the
 fused path uses it, compiles there). Another process on the machine makes times noisy; the minimum is the fairest.
 """
@@ -39,23 +42,21 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def worker(path: str, mode: str, vocab: int, hidden: int, tokens: int, chunk: int, repeats: int) -> dict:
+def worker(path: str, mode: str, vocab: int, hidden: int, tokens: int, rows: int, chunk: int, repeats: int) -> dict:
     import torch
 
     from asft.fused import LMHead, fused_token_loss
     from asft.objectives import needs_reference, token_loss
 
     torch.manual_seed(0)
-    rows = 2
     # Filled in place: a `randn(...) * 0.02` temporary would double the weight for a moment.
     weight = torch.empty(vocab, hidden).normal_(0, 0.02).requires_grad_()
     head, ref_head = LMHead(weight), LMHead(weight.detach())
 
-    def batch(n):
-        t = n // rows + 1
-        h = torch.randn(rows, t, hidden, requires_grad=True)
-        ref_h = (h.detach() + 0.3 * torch.randn(rows, t, hidden)) if needs_reference(mode) else None
-        labels = torch.randint(0, vocab, (rows, t))
+    def batch(rows, t):
+        h = torch.randn(rows, t + 1, hidden, requires_grad=True)
+        ref_h = (h.detach() + 0.3 * torch.randn(rows, t + 1, hidden)) if needs_reference(mode) else None
+        labels = torch.randint(0, vocab, (rows, t + 1))
         labels[:, 0] = -100
         return h, ref_h, labels
 
@@ -71,19 +72,23 @@ def worker(path: str, mode: str, vocab: int, hidden: int, tokens: int, chunk: in
         loss.backward()
         weight.grad = h.grad = None
 
-    step(*batch(min(chunk, tokens)))  # warm-up (and compilation of the fused chunk functions)
-    inputs = batch(tokens)
+    # Warm-up: the fused path compiles its chunk functions here, so give it the run's chunk shapes and code path
+    # (sequences packed into one chunk, or one sequence over two chunks); the naive one only loads its libraries.
+    per_row = tokens // rows
+    if path == "fused":
+        step(*batch(min(rows, max(1, chunk // per_row)), min(per_row, chunk + 1)))
+    else:
+        step(*batch(1, min(per_row, 16)))
+    inputs = batch(rows, per_row)
     times, peaks = [], []
     for _ in range(repeats):
         gc.collect()
-        grad_room = torch.zeros(vocab, hidden)  # stands for the weight gradient every path holds
-        baseline = _status_kb("VmRSS")
-        del grad_room
         _reset_peak()
+        baseline = _status_kb("VmRSS")
         start = time.perf_counter()
         step(*inputs)
         times.append(time.perf_counter() - start)
-        peaks.append((_status_kb("VmHWM") - baseline) * 1024)
+        peaks.append((_status_kb("VmHWM") - baseline) * 1024 - weight.numel() * weight.element_size())
     return {"time": min(times), "peak": max(peaks)}
 
 
@@ -91,6 +96,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--rows", type=int, default=8, help="sequences the tokens are split into")
     p.add_argument("--vocabs", default="128256,151936")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--chunk-size", type=int, default=256)
@@ -99,13 +105,13 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         path, mode, vocab = a.worker
-        print(json.dumps(worker(path, mode, int(vocab), a.hidden, a.tokens, a.chunk_size, a.repeats)))
+        print(json.dumps(worker(path, mode, int(vocab), a.hidden, a.tokens, a.rows, a.chunk_size, a.repeats)))
         return
 
     from asft.fused import KERNELS  # noqa: F401 - fail early if the package is missing
 
     compile_on = os.environ.get("ASFT_COMPILE", "1") != "0"
-    print(f"tokens={a.tokens} hidden={a.hidden} float32 chunk_size={a.chunk_size} repeats={a.repeats} "
+    print(f"tokens={a.tokens} rows={a.rows} hidden={a.hidden} float32 chunk_size={a.chunk_size} repeats={a.repeats} "
           f"torch.compile={'on' if compile_on else 'off'} threads={os.cpu_count()}", flush=True)
     peak_ratios, time_ratios = [], []
     for vocab in map(int, a.vocabs.split(",")):
@@ -115,7 +121,8 @@ def main() -> None:
             r = {}
             for path in ("naive", "fused"):
                 cmd = [sys.executable, __file__, "--worker", path, mode, str(vocab), "--tokens", str(a.tokens),
-                       "--hidden", str(a.hidden), "--chunk-size", str(a.chunk_size), "--repeats", str(a.repeats)]
+                       "--hidden", str(a.hidden), "--rows", str(a.rows), "--chunk-size", str(a.chunk_size),
+                       "--repeats", str(a.repeats)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     sys.exit(f"{path} {mode} {vocab} failed:\n{out.stderr}")
