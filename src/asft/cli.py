@@ -22,6 +22,8 @@ commands:
   eval        evaluate a model (medical, math, judge, drift)
   merge-lora  merge a LoRA adapter into its base model
   data        download, convert and inspect training data
+  launch      run `asft train` under `accelerate launch` with a preset: ddp, fsdp, zero2, zero3 (or a config file)
+  config-path print the path of a shipped preset (ddp fsdp zero2 zero3 ds_zero2_bf16 ds_zero3_bf16)
   quickstart  offline ASFT demo on the embedded SmolLM2-135M-Instruct (about 5 minutes on 2 CPU cores)
 
 `asft COMMAND --help` describes each command."""
@@ -128,7 +130,7 @@ def parse_train_args(argv: list[str]):
     # `report_to` defaults to "none" here: nothing is sent to a tracking service unless asked.
     if not any(a.split("=")[0] == "--report_to" for a in argv):
         argv += ["--report_to", "none"]
-    script, config = parser.parse_args_into_dataclasses(args=argv)
+    script, config = parser.parse_args_into_dataclasses(args=argv + _derived_flags(argv))
     if not script.model_name_or_path:
         raise UsageError("--model_name_or_path is required")
     if not script.data_path:
@@ -137,20 +139,38 @@ def parse_train_args(argv: list[str]):
         if script.model_max_length < 2:
             raise UsageError(f"model_max_length: must be >= 2, got {script.model_max_length}")
         config.max_length = script.model_max_length
-    if script.deepspeed_config:
-        config.deepspeed = script.deepspeed_config
-    if script.global_batch_size is not None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        per_step = config.per_device_train_batch_size * world
-        if script.global_batch_size < per_step or script.global_batch_size % per_step:
-            raise UsageError(f"global_batch_size: {script.global_batch_size} is not a multiple of "
-                             f"per_device_train_batch_size x processes = {per_step}")
-        config.gradient_accumulation_steps = script.global_batch_size // per_step
     if config.needs_reference is False and config.reference_model_path:
         raise UsageError(f"reference_model_path: mode {config.mode!r} uses no reference")
     if script.use_lora and config.reference_model_path:
         raise UsageError("reference_model_path: under --use_lora the reference is the adapter-disabled base")
     return script, config
+
+
+def _derived_flags(argv: list[str]) -> list[str]:
+    """`--deepspeed` and `--gradient_accumulation_steps` from the paper's `--deepspeed_config` (a file or a preset
+    name) and `--global_batch_size`. They are parsed with the rest, never assigned afterwards: TrainingArguments
+    sets DeepSpeed up in __post_init__ (with the batch sizes), so a later assignment would be silently ignored."""
+    import argparse
+
+    from .config import AnchoredSFTConfig
+    from .presets import resolve_preset
+
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--deepspeed_config")
+    p.add_argument("--global_batch_size", type=int)
+    p.add_argument("--per_device_train_batch_size", type=int,
+                   default=AnchoredSFTConfig.__dataclass_fields__["per_device_train_batch_size"].default)
+    args, _ = p.parse_known_args(argv)
+    flags = []
+    if args.deepspeed_config:
+        flags += ["--deepspeed", resolve_preset(args.deepspeed_config, "deepspeed", "deepspeed_config")]
+    if args.global_batch_size is not None:
+        per_step = args.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+        if args.global_batch_size < per_step or args.global_batch_size % per_step:
+            raise UsageError(f"global_batch_size: {args.global_batch_size} is not a multiple of "
+                             f"per_device_train_batch_size x processes = {per_step}")
+        flags += ["--gradient_accumulation_steps", str(args.global_batch_size // per_step)]
+    return flags
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
@@ -260,11 +280,15 @@ def merge_lora(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--local_rank="):  # the deepspeed launcher puts it before our command
+        argv = argv[1:] + argv[:1]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"train": train, "merge-lora": merge_lora}
+    from .presets import config_path, launch
+
+    commands = {"train": train, "merge-lora": merge_lora, "launch": launch, "config-path": config_path}
     if command == "eval":
         from .evaluation.cli import main as command_main
     elif command == "data":

@@ -2,17 +2,20 @@
 
 - LoRA (any adapter): the policy itself with its adapters disabled; no extra weights in memory.
 - Full fine-tuning: a frozen copy loaded from the same checkpoint, in eval mode, without gradients, prepared
-  like the policy (sharded under ZeRO-3 / FSDP, replicated otherwise).
+  like the policy (`prepare_reference`: sharded under ZeRO-3 / FSDP, replicated otherwise).
 
 Each source gives either full logits (the naive loss) or last hidden states plus its lm_head (the fused loss).
+Hidden states always come through the model's own top-level forward, where DeepSpeed's and FSDP's hooks gather
+the sharded weights; the lm_head, which the fused loss reads directly, is gathered by `full_heads`.
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 import torch
-
 
 
 def _backbone(causal_lm):
@@ -22,6 +25,17 @@ def _backbone(causal_lm):
 
 def _clean(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "use_cache") and v is not None}
+
+
+def _last_hidden(model, causal_lm, inputs: dict) -> torch.Tensor:
+    """Last hidden states of `causal_lm`, called as `model` (its DeepSpeed / FSDP / PEFT wrapper, or itself).
+
+    With the trainer's fused forward (`asft_loss_fn`) the call goes through the top-level forward, so sharded
+    weights are gathered by the engine's hooks (calling the backbone directly would skip FSDP's root unshard).
+    """
+    if getattr(causal_lm, "_asft_fused_forward", False):
+        return model(**_clean(inputs), use_cache=False, asft_loss_fn=lambda hidden, _: hidden)
+    return _backbone(causal_lm)(**_clean(inputs), use_cache=False).last_hidden_state
 
 
 class AdapterDisabledReference:
@@ -41,8 +55,7 @@ class AdapterDisabledReference:
     @torch.no_grad()
     def hidden(self, inputs: dict) -> torch.Tensor:
         with self._context():
-            causal_lm = self.peft_model.get_base_model()
-            return _backbone(causal_lm)(**_clean(inputs), use_cache=False).last_hidden_state
+            return _last_hidden(self.peft_model, self.peft_model.get_base_model(), inputs)
 
     def head(self):
         from .fused import lm_head_of
@@ -66,12 +79,82 @@ class FrozenModelReference:
 
     @torch.no_grad()
     def hidden(self, inputs: dict) -> torch.Tensor:
-        return _backbone(self._causal_lm())(**_clean(inputs), use_cache=False).last_hidden_state
+        return _last_hidden(self.model, self._causal_lm(), inputs)
 
     def head(self):
         from .fused import lm_head_of
 
         return lm_head_of(self._causal_lm())
+
+
+def prepare_reference(model, accelerator):
+    """Prepare a frozen reference like the policy: sharded under ZeRO-3 and FSDP, replicated otherwise.
+
+    DeepSpeed: TRL's `prepare_deepspeed` (an engine without optimizer; ZeRO-3 stays sharded, ZeRO-1/2 become
+    ZeRO-0 replicas). FSDP2: accelerate's own `fsdp2_prepare_model`, the function that shards the policy: one unit
+    per decoder layer (TRL's `prepare_fsdp` shards only the root, so the whole reference is gathered at once in its
+    forward) and the rank-0 weights broadcast of `fsdp_cpu_ram_efficient_loading` (where the other ranks loaded
+    nothing). DDP / one device: a plain replica, no wrapper (it is never trained).
+    """
+    from accelerate.utils import DistributedType
+
+    model.eval().requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if accelerator.state.fsdp_plugin.fsdp_version == 2:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            return fsdp2_prepare_model(accelerator, model).eval()
+        from trl.models.utils import prepare_fsdp
+
+        return prepare_fsdp(model, accelerator)
+    return model.to(accelerator.device)
+
+
+@contextmanager
+def full_heads(*heads):
+    """Yield the given LMHeads (None passes through) with full weights, for the fused loss's direct reads.
+
+    DeepSpeed ZeRO-3 keeps every parameter partitioned outside its module's forward, and the fused loss never
+    calls the lm_head module: the weights are gathered for the duration (TRL's `maybe_gather_lm_head_ctx`; a
+    weight shared by two heads, LoRA's reference, is gathered once). Use it inside the policy's forward: the
+    gradient the loss stashes for a trainable head is then reduce-scattered by ZeRO-3's hooks as usual.
+    FSDP2: inside the forward the policy's head is unsharded (accelerate puts it in one unit with the final norm);
+    a frozen head still sharded as a DTensor is gathered with `full_tensor()`. A trainable head that is still a
+    DTensor, or a flat FSDP1 shard, is refused: its gradient would bypass FSDP's reduction.
+    """
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    with ExitStack() as stack:
+        for head in heads:
+            if head is not None:
+                stack.enter_context(maybe_gather_lm_head_ctx(head.weight, head.bias))
+        yield tuple(None if head is None else _unshard(head) for head in heads)
+
+
+def _unshard(head):
+    weight, bias = head.weight, head.bias
+    if _is_dtensor(weight):
+        if weight.requires_grad:
+            raise NotImplementedError("the trainable lm_head is still sharded (a DTensor) in the forward: the fused "
+                                      "loss needs FSDP to unshard it (accelerate's FSDP2 wrapping does); use "
+                                      "loss_implementation='naive' with this wrapping")
+        weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise NotImplementedError(f"the lm_head weight is a shard here (shape {tuple(weight.shape)}; FSDP1?): use "
+                                  "FSDP2 (the 'fsdp' preset) or loss_implementation='naive'")
+    return head if weight is head.weight else replace(head, weight=weight, bias=bias)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def load_frozen_copy(model, path: str | None = None, dtype: torch.dtype | None = None,

@@ -159,7 +159,7 @@ class AnchoredSFTTrainer(SFTTrainer):
 
     def _build_reference(self, unwrapped, ref_model):
         from .models import DTYPES
-        from .reference import AdapterDisabledReference, FrozenModelReference, load_frozen_copy
+        from .reference import AdapterDisabledReference, FrozenModelReference, load_frozen_copy, prepare_reference
 
         if self.is_peft and ref_model is None:
             return AdapterDisabledReference(unwrapped)
@@ -170,17 +170,8 @@ class AnchoredSFTTrainer(SFTTrainer):
         ref_model.eval().requires_grad_(False)
         if self.fused:
             _add_fused_forward(ref_model)
-        if self.is_deepspeed_enabled:
-            from trl.models.utils import prepare_deepspeed
-
-            ref_model = prepare_deepspeed(ref_model, self.accelerator)
-        elif self.is_fsdp_enabled:
-            from trl.models.utils import prepare_fsdp
-
-            ref_model = prepare_fsdp(ref_model, self.accelerator)
-        else:  # DDP / one device: a replica per process, no wrapper (it is never trained)
-            ref_model = ref_model.to(self.accelerator.device)
-        self.ref_model = ref_model
+        # Sharded under ZeRO-3 / FSDP like the policy, a plain replica under DDP / ZeRO-0-2.
+        self.ref_model = ref_model = prepare_reference(ref_model, self.accelerator)
         return FrozenModelReference(ref_model)
 
     def _warn_low_precision_weights(self):
@@ -218,9 +209,12 @@ class AnchoredSFTTrainer(SFTTrainer):
 
             def loss_fn(hidden, causal_lm):
                 from .fused import lm_head_of
+                from .reference import full_heads
 
-                return fused_token_loss(mode, hidden, labels, lm_head_of(causal_lm), ref_hidden, ref_head,
-                                        chunk_size=self.args.fused_chunk_size, **kwargs)
+                # ZeRO-3 / FSDP keep the lm_heads sharded outside their module's forward: gather them here.
+                with full_heads(lm_head_of(causal_lm), ref_head) as (head, full_ref_head):
+                    return fused_token_loss(mode, hidden, labels, head, ref_hidden, full_ref_head,
+                                            chunk_size=self.args.fused_chunk_size, **kwargs)
 
             loss, terms = model(**model_inputs, asft_loss_fn=loss_fn)
         else:
