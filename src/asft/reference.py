@@ -181,7 +181,13 @@ def load_frozen_copy(model, path: str | None = None, dtype: torch.dtype | None =
             return _freeze(ref)
     if is_deepspeed_zero3_enabled():
         raise ValueError("under ZeRO-3 the reference must be loaded from a checkpoint: pass reference_model_path")
-    return _freeze(copy.deepcopy(model).to(dtype))
+    ref = copy.deepcopy(model).to(dtype)
+    # Forward patches set on an instance (TRL's fused lm_head, ours) close over the *policy's* original forward:
+    # a copy that kept them would run the policy, and the KL would stay 0. The class's forward is the model's own.
+    for module in ref.modules():
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("_asft_fused_forward", None)
+    return _freeze(ref)
 
 
 def _freeze(model):
