@@ -1,13 +1,21 @@
 """Step time and peak memory of every mode relative to `sft`, full fine-tuning and LoRA, measured in one run.
 
-Model: SmolLM2-135M-Instruct (embedded, float32); batch: 4 sequences of ~230 tokens (as DESIGN.md's reference
-figures). Each (mode, full|LoRA) runs in its own subprocess so that its peak resident memory (ru_maxrss) is its
-own; step time is the median of the timed optimizer steps after warm-up steps. Printed, never asserted.
+Model: SmolLM2-135M-Instruct (embedded, float32); batch: 4 sequences of ~240 tokens (as DESIGN.md's reference
+figures); every mode sees the same batches in the same order.
 
-    python benchmarks/overhead.py [--steps 6] [--warmup 2] [--modes sft,dft,sft_kl,asft,iw_sft]
+Time. On a shared machine a step's time varies by up to 2x from one minute to the next, so modes timed in separate
+processes, one after the other, cannot be compared (the same code measured 0.9x and 1.65x sft in two runs here).
+Each mode is therefore timed *paired* with sft: one process holds an sft trainer and a trainer of the mode, and
+runs their optimizer steps alternately (sft, mode, mode, sft, sft, mode, ...; each trainer in its own thread,
+handing the CPU over at step boundaries), so both see the same background load. A mode's ratio is the median over
+the timed pairs of (its step time / the sft step next to it); its step time is the median of its own steps.
+
+Memory. Peak resident memory (ru_maxrss) of a separate process per (mode, full|LoRA) that runs a few steps alone.
+
+    python benchmarks/overhead.py [--steps 5] [--warmup 1] [--modes sft,dft,sft_kl,asft,iw_sft]
            [--loss_implementation fused|naive]
 
-Last line: `full_ratio=<asft/sft step time, full> lora_ratio=<asft/sft step time, LoRA>`.
+Printed, never asserted. Last line: `full_ratio=<asft/sft step time, full> lora_ratio=<asft/sft step time, LoRA>`.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 WORDS = ("the patient presented with fever and cough after travel so the doctor ordered a chest x ray which "
@@ -37,9 +46,8 @@ def make_data(path: str, n: int = 64, seed: int = 0) -> None:
             f.write(json.dumps({"instruction": prompt, "response": response}) + "\n")
 
 
-def worker(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: str) -> dict:
+def make_trainer(mode: str, lora: bool, data: str, steps: int, impl: str, out: str):
     import torch
-    from transformers import TrainerCallback
 
     from asft import AnchoredSFTConfig, AnchoredSFTTrainer
     from asft.data import build_dataset
@@ -49,78 +57,149 @@ def worker(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: str)
     path = resolve_model_path("embedded:smollm2-135m-instruct")
     tokenizer = load_tokenizer(path)
     dataset = build_dataset(data, tokenizer, template="alpaca", max_length=256, log=lambda *_: None)
-    times: list[float] = []
+    args = AnchoredSFTConfig(
+        output_dir=out, mode=mode, per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-5,
+        report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000, use_cpu=True,
+        loss_implementation=impl, seed=0)
+    trainer = AnchoredSFTTrainer(load_model(path).train(), args=args, train_dataset=dataset,
+                                 processing_class=tokenizer, peft_config=lora_config(8, 16, 0.0) if lora else None)
+    return trainer, sum(len(x) for x in dataset[:4]["input_ids"])
 
-    class Timer(TrainerCallback):
+
+def timed_pair(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: str) -> dict:
+    """Optimizer steps of an sft trainer and a `mode` trainer, strictly alternating; the times of each."""
+    from transformers import TrainerCallback
+
+    # One more step than timed: the first trainer to finish tears down during the other's last (untimed) step.
+    n = steps + warmup + 1
+    # Steps in the order sft, mode, mode, sft, sft, mode, ... (ABBA): whichever position in a pair is favoured (what
+    # the other thread does between its steps, caches), each trainer holds it equally often.
+    order = [(0, 1) if k % 2 == 0 else (1, 0) for k in range(n)]
+    order = [i for pair in order for i in pair]
+    turn = threading.Condition()
+    position = [0]
+    times: list[list[float]] = [[], []]
+    errors: list[BaseException] = []
+
+    class Alternate(TrainerCallback):
+        def __init__(self, i):
+            self.i = i
+
         def on_step_begin(self, *a, **k):
+            with turn:
+                turn.wait_for(lambda: errors or position[0] >= len(order) or order[position[0]] == self.i)
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
+            times[self.i].append(time.perf_counter() - self.t)
+            with turn:
+                position[0] += 1
+                turn.notify_all()
 
     with tempfile.TemporaryDirectory() as out:
-        args = AnchoredSFTConfig(
-            output_dir=out, mode=mode, per_device_train_batch_size=4, max_steps=steps + warmup,
-            learning_rate=1e-5, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000,
-            use_cpu=True, loss_implementation=impl, seed=0)
-        trainer = AnchoredSFTTrainer(load_model(path).train(), args=args, train_dataset=dataset,
-                                     processing_class=tokenizer,
-                                     peft_config=lora_config(8, 16, 0.0) if lora else None)
-        trainer.add_callback(Timer())
-        tokens = sum(len(x) for x in dataset[:4]["input_ids"])
+        trainers = [make_trainer(m, lora, data, n, impl, os.path.join(out, str(i)))[0]
+                    for i, m in enumerate(("sft", mode))]
+        for i, trainer in enumerate(trainers):
+            trainer.add_callback(Alternate(i))
+
+        def run(trainer):
+            try:
+                trainer.train()
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread; never leave the other waiting
+                with turn:
+                    errors.append(e)
+                    turn.notify_all()
+
+        threads = [threading.Thread(target=run, args=(t,)) for t in trainers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    base, other = times[0][warmup:warmup + steps], times[1][warmup:warmup + steps]
+    # Each mode step over the sft step next to it in the same ABBA pair.
+    return {"sft_s": base, "mode_s": other, "ratios": [b / a for a, b in zip(base, other)]}
+
+
+def peak_memory(mode: str, lora: bool, data: str, steps: int, impl: str) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        trainer, tokens = make_trainer(mode, lora, data, steps, impl, out)
         trainer.train()
-    return {"step_s": statistics.median(times[warmup:]), "peak_gb": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss / 2**20, "tokens": tokens}
+    return {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "tokens": tokens}
+
+
+def subprocess_result(argv: list[str], what: str) -> dict:
+    out = subprocess.run([sys.executable, __file__] + argv, capture_output=True, text=True)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        sys.exit(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[0][7:])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed steps of each trainer in a pair")
+    p.add_argument("--warmup", type=int, default=1, help="untimed first steps (allocation, compilation)")
     p.add_argument("--modes", default="sft,dft,sft_kl,asft,iw_sft")
     p.add_argument("--loss_implementation", default="fused", choices=["fused", "naive"])
-    p.add_argument("--worker", nargs=2, metavar=("MODE", "LORA"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, metavar=("KIND", "MODE", "LORA"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        result = worker(args.worker[0], args.worker[1] == "1", args.data, args.steps, args.warmup,
-                        args.loss_implementation)
+        kind, mode, lora = args.worker[0], args.worker[1], args.worker[2] == "1"
+        if kind == "time":
+            result = timed_pair(mode, lora, args.data, args.steps, args.warmup, args.loss_implementation)
+        else:
+            result = peak_memory(mode, lora, args.data, 2, args.loss_implementation)
         print("RESULT " + json.dumps(result))
         return
 
     modes = args.modes.split(",")
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--loss_implementation",
+              args.loss_implementation]
+    memory, timing = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data.jsonl")
         make_data(data)
-        results = {}
         for lora in (False, True):
+            kind = "lora" if lora else "full"
             for mode in modes:
-                cmd = [sys.executable, __file__, "--worker", mode, str(int(lora)), "--data", data, "--steps",
-                       str(args.steps), "--warmup", str(args.warmup), "--loss_implementation",
-                       args.loss_implementation]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-                if not line:
-                    sys.exit(f"{mode} lora={lora} failed:\n{out.stderr[-3000:]}")
-                results[(mode, lora)] = json.loads(line[0][7:])
-                print(f"  measured {mode:7s} {'lora' if lora else 'full'}: {results[(mode, lora)]}", flush=True)
+                worker = ["--data", data] + common
+                memory[mode, lora] = subprocess_result(["--worker", "memory", mode, str(int(lora))] + worker,
+                                                       f"memory {mode} {kind}")
+                print(f"  {mode:7s} {kind}: peak {memory[mode, lora]['peak_gb']:.2f} GB", flush=True)
+                if mode == "sft":
+                    continue
+                r = timing[mode, lora] = subprocess_result(["--worker", "time", mode, str(int(lora))] + worker,
+                                                           f"timing {mode} {kind}")
+                print(f"  {mode:7s} {kind}: steps {', '.join(f'{t:.2f}' for t in r['mode_s'])} s; paired sft "
+                      f"steps {', '.join(f'{t:.2f}' for t in r['sft_s'])} s", flush=True)
 
     import torch
 
-    print(f"\nSmolLM2-135M-Instruct, float32, batch 4 x ~{results[(modes[0], False)]['tokens'] // 4} tokens, "
-          f"{torch.get_num_threads()} threads, loss {args.loss_implementation}, median of {args.steps} steps")
+    tokens = memory[modes[0], False]["tokens"]
+    print(f"\nSmolLM2-135M-Instruct, float32, batch 4 x ~{tokens // 4} tokens, {torch.get_num_threads()} threads, "
+          f"loss {args.loss_implementation}; step time: median of {args.steps} steps, each mode paired with sft")
     print("| mode | full: step s | x sft | peak GB | x sft | LoRA: step s | x sft | peak GB | x sft |")
     print("|---|---|---|---|---|---|---|---|---|")
+    ratio = {}
     for mode in modes:
         row = [mode]
         for lora in (False, True):
-            r, base = results[(mode, lora)], results[("sft", lora)]
-            row += [f"{r['step_s']:.2f}", f"{r['step_s'] / base['step_s']:.2f}", f"{r['peak_gb']:.2f}",
-                    f"{r['peak_gb'] / base['peak_gb']:.2f}"]
+            if mode == "sft":
+                step = statistics.median(t for m in modes[1:] if m != "sft" for t in timing[m, lora]["sft_s"])
+                ratio[mode, lora] = 1.0
+            else:
+                step = statistics.median(timing[mode, lora]["mode_s"])
+                ratio[mode, lora] = statistics.median(timing[mode, lora]["ratios"])
+            peak, base = memory[mode, lora]["peak_gb"], memory["sft", lora]["peak_gb"]
+            row += [f"{step:.2f}", f"{ratio[mode, lora]:.2f}", f"{peak:.2f}", f"{peak / base:.2f}"]
         print("| " + " | ".join(row) + " |")
-    full = results[("asft", False)]["step_s"] / results[("sft", False)]["step_s"]
-    lora = results[("asft", True)]["step_s"] / results[("sft", True)]["step_s"]
-    print(f"full_ratio={full:.2f} lora_ratio={lora:.2f}")
+    spread = {lora: sorted(timing["asft", lora]["ratios"]) for lora in (False, True) if ("asft", lora) in timing}
+    for lora, r in spread.items():
+        print(f"asft/sft pair ratios, {'LoRA' if lora else 'full'}: {', '.join(f'{x:.2f}' for x in r)}")
+    print(f"full_ratio={ratio['asft', False]:.2f} lora_ratio={ratio['asft', True]:.2f}")
 
 
 if __name__ == "__main__":
