@@ -12,7 +12,7 @@ the timed pairs of (its step time / the sft step next to it); its step time is t
 
 Memory. Peak resident memory (ru_maxrss) of a separate process per (mode, full|LoRA) that runs a few steps alone.
 
-    python benchmarks/overhead.py [--steps 5] [--warmup 1] [--modes sft,dft,sft_kl,asft,iw_sft]
+    python benchmarks/overhead.py [--steps 5] [--warmup 2] [--modes sft,dft,sft_kl,asft,iw_sft]
            [--loss_implementation fused|naive]
 
 Printed, never asserted. Last line: `full_ratio=<asft/sft step time, full> lora_ratio=<asft/sft step time, LoRA>`.
@@ -140,7 +140,7 @@ def subprocess_result(argv: list[str], what: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed steps of each trainer in a pair")
-    p.add_argument("--warmup", type=int, default=1, help="untimed first steps (allocation, compilation)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps (allocation; compilation, again at the second batch shape)")
     p.add_argument("--modes", default="sft,dft,sft_kl,asft,iw_sft")
     p.add_argument("--loss_implementation", default="fused", choices=["fused", "naive"])
     p.add_argument("--worker", nargs=3, metavar=("KIND", "MODE", "LORA"), help=argparse.SUPPRESS)
