@@ -140,7 +140,8 @@ def subprocess_result(argv: list[str], what: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed steps of each trainer in a pair")
-    p.add_argument("--warmup", type=int, default=2, help="untimed first steps (allocation; compilation, again at the second batch shape)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed first steps (allocation; compilation, again at the second batch shape)")
     p.add_argument("--modes", default="sft,dft,sft_kl,asft,iw_sft")
     p.add_argument("--loss_implementation", default="fused", choices=["fused", "naive"])
     p.add_argument("--worker", nargs=3, metavar=("KIND", "MODE", "LORA"), help=argparse.SUPPRESS)
