@@ -29,15 +29,15 @@ def resolve_preset(value: str, kind: str | None = None, field: str = "config") -
     """An existing file path as given; else the shipped preset of that name; else a ConfigError naming `field`."""
     if Path(value).is_file():
         return value
-    found = presets(kind)
+    found, shipped = presets(kind), presets()
     name = Path(value).name
-    stem = name[: -len(Path(name).suffix)] if Path(name).suffix in KINDS.values() else name
+    stem = Path(name).stem if Path(name).suffix in KINDS.values() else name
     # A bare name only: a path that does not exist is a typo, never silently replaced by a preset.
     if name == value and stem in found:
         return str(found[stem])
     hint = ""
-    if name == value and stem in presets():
-        hint = f" ({stem} is {'an accelerate' if presets()[stem].suffix == '.yaml' else 'a DeepSpeed'} preset)"
+    if name == value and stem in shipped:
+        hint = f" ({stem} is {'an accelerate' if shipped[stem].suffix == '.yaml' else 'a DeepSpeed'} preset)"
     raise ConfigError(f"{field}: {value!r} is neither an existing file nor a shipped preset{hint}; presets: "
                       f"{', '.join(found)}")
 

@@ -23,7 +23,8 @@ def _backbone(causal_lm):
     return causal_lm.base_model
 
 
-def _clean(inputs: dict) -> dict:
+def forward_kwargs(inputs: dict) -> dict:
+    """A batch as keyword arguments of a plain forward: no labels, loss counts, cache flag or None values."""
     return {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "use_cache") and v is not None}
 
 
@@ -34,8 +35,8 @@ def _last_hidden(model, causal_lm, inputs: dict) -> torch.Tensor:
     weights are gathered by the engine's hooks (calling the backbone directly would skip FSDP's root unshard).
     """
     if getattr(causal_lm, "_asft_fused_forward", False):
-        return model(**_clean(inputs), use_cache=False, asft_loss_fn=lambda hidden, _: hidden)
-    return _backbone(causal_lm)(**_clean(inputs), use_cache=False).last_hidden_state
+        return model(**forward_kwargs(inputs), asft_loss_fn=lambda hidden, _: hidden)
+    return _backbone(causal_lm)(**forward_kwargs(inputs), use_cache=False).last_hidden_state
 
 
 class AdapterDisabledReference:
@@ -50,7 +51,7 @@ class AdapterDisabledReference:
     @torch.no_grad()
     def logits(self, inputs: dict) -> torch.Tensor:
         with self._context():
-            return self.peft_model(**_clean(inputs), use_cache=False).logits
+            return self.peft_model(**forward_kwargs(inputs), use_cache=False).logits
 
     @torch.no_grad()
     def hidden(self, inputs: dict) -> torch.Tensor:
@@ -75,7 +76,7 @@ class FrozenModelReference:
 
     @torch.no_grad()
     def logits(self, inputs: dict) -> torch.Tensor:
-        return self.model(**_clean(inputs), use_cache=False).logits
+        return self.model(**forward_kwargs(inputs), use_cache=False).logits
 
     @torch.no_grad()
     def hidden(self, inputs: dict) -> torch.Tensor:

@@ -19,7 +19,9 @@ from transformers.modeling_outputs import CausalLMOutput
 from trl import SFTTrainer
 
 from .config import AnchoredSFTConfig
+from .fused import fused_token_loss, lm_head_of
 from .objectives import token_loss
+from .reference import forward_kwargs, full_heads
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -106,9 +108,7 @@ def _add_fused_forward(causal_lm: nn.Module) -> None:
     def forward(self, *args, asft_loss_fn=None, **kwargs):
         if asft_loss_fn is None:
             return original_forward(*args, **kwargs)
-        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("labels", "num_items_in_batch")}
-        kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        hidden = self.base_model(*args, **forward_kwargs(kwargs), use_cache=False).last_hidden_state
         return asft_loss_fn(hidden, self)
 
     causal_lm.forward = types.MethodType(forward, causal_lm)
@@ -167,10 +167,9 @@ class AnchoredSFTTrainer(SFTTrainer):
         if ref_model is None or isinstance(ref_model, str):
             ref_model = load_frozen_copy(unwrapped, ref_model or self.args.reference_model_path, dtype,
                                          trust_remote_code=self.args.trust_remote_code)
-        ref_model.eval().requires_grad_(False)
         if self.fused:
             _add_fused_forward(ref_model)
-        # Sharded under ZeRO-3 / FSDP like the policy, a plain replica under DDP / ZeRO-0-2.
+        # Frozen (eval, no grad); sharded under ZeRO-3 / FSDP like the policy, a replica under DDP / ZeRO-0-2.
         self.ref_model = ref_model = prepare_reference(ref_model, self.accelerator)
         return FrozenModelReference(ref_model)
 
@@ -199,8 +198,6 @@ class AnchoredSFTTrainer(SFTTrainer):
         mode, kwargs = self.args.mode, self._loss_kwargs(num_items_in_batch)
 
         if self.fused:
-            from .fused import fused_token_loss
-
             ref_hidden = ref_head = None
             if self.reference is not None:
                 with self.accelerator.autocast():  # same precision as the policy's (wrapped) forward
@@ -208,9 +205,6 @@ class AnchoredSFTTrainer(SFTTrainer):
                 ref_head = self.reference.head()
 
             def loss_fn(hidden, causal_lm):
-                from .fused import lm_head_of
-                from .reference import full_heads
-
                 # ZeRO-3 / FSDP keep the lm_heads sharded outside their module's forward: gather them here.
                 with full_heads(lm_head_of(causal_lm), ref_head) as (head, full_ref_head):
                     return fused_token_loss(mode, hidden, labels, head, ref_hidden, full_ref_head,
