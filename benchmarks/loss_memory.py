@@ -1,8 +1,8 @@
 """Extra peak memory and wall time of the loss, naive (`asft.objectives` on full logits) vs fused (`asft.fused`).
 
     python benchmarks/loss_memory.py            # the issue's sizes: 2,048 tokens, hidden 2,048, vocabularies of
-                                                # Llama-3 and Qwen2.5, float32 (~25 min on 2 idle cores)
-    python benchmarks/loss_memory.py --tokens 256 --vocabs 32000 --modes sft,asft    # a quick look
+                                                # Llama-3 and Qwen2.5, float32, 3 repeats (~50 min on 2 idle cores)
+    python benchmarks/loss_memory.py --tokens 256 --vocabs 32000 --modes sft,asft --repeats 1   # a quick look
 
 Setup: policy hidden states [rows, tokens/rows + 1, H] with every shifted position a response token (`rows`
 sequences of tokens/rows), the reference's hidden states, and an lm_head weight [V, H] that requires grad (the
@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--rows", type=int, default=8, help="sequences the tokens are split into")
     p.add_argument("--chunk-size", type=int, default=512, help="fused path's tokens per chunk")
-    p.add_argument("--repeats", type=int, default=1, help="timed naive/fused pairs; the minimum is kept")
+    p.add_argument("--repeats", type=int, default=3, help="timed naive/fused pairs; the minimum is kept")
     p.add_argument("--worker", nargs=2, metavar=("MODE", "VOCAB"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
