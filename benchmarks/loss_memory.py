@@ -1,7 +1,7 @@
 """Extra peak memory and wall time of the loss, naive (`asft.objectives` on full logits) vs fused (`asft.fused`).
 
     python benchmarks/loss_memory.py            # the issue's sizes: 2,048 tokens, hidden 2,048, vocabularies of
-                                                # Llama-3 and Qwen2.5, float32, 3 repeats (~50 min on 2 idle cores)
+                                                # Llama-3 and Qwen2.5, float32, 3 repeats (~45 min on 2 idle cores)
     python benchmarks/loss_memory.py --tokens 256 --vocabs 32000 --modes sft,asft --repeats 1   # a quick look
 
 Setup: policy hidden states [rows, tokens/rows + 1, H] with every shifted position a response token (`rows`
