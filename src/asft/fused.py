@@ -214,10 +214,10 @@ def _run(mode, h, w_head, b_head, rh, rw_head, rb_head, y, rows, opt):
     need_h, need_w = h.requires_grad, w_head.requires_grad
     need_b = b_head is not None and b_head.requires_grad
     # Accumulate the weight/bias gradients in float32 whatever their dtype; returned in theirs. Every row of gh is
-    # written by its chunk, and the first chunk writes gw with beta=0: no zero-fill pass over a [V, H] buffer.
+    # written by its chunk, and gw by the first chunk (s == 0) with beta=0: no zero-fill pass over a [V, H] buffer
+    # unless no chunk runs.
     gh = torch.empty_like(h) if need_h else None
-    gw = torch.empty(w_head.shape, dtype=torch.float32, device=h.device) if need_w else None
-    gw_beta = 0.0
+    gw = (torch.empty if n else torch.zeros)(w_head.shape, dtype=torch.float32, device=h.device) if need_w else None
     gb = torch.zeros(b_head.shape, dtype=torch.float32, device=h.device) if need_b else None
     stats = torch.zeros(6, n, dtype=torch.float32, device=h.device)
     lses = torch.zeros(2, n, dtype=torch.float32, device=h.device)
@@ -265,13 +265,10 @@ def _run(mode, h, w_head, b_head, rh, rw_head, rb_head, y, rows, opt):
             if need_h:
                 gh[s:e] = (g.to(dtype) @ W).mul_(inv_n)
             if need_w:  # float32 from the float32 logit gradient: exact accumulation in any input dtype
-                gw.addmm_(g.t(), hc[s:e].float(), beta=gw_beta, alpha=inv_n)
-                gw_beta = 1.0
+                gw.addmm_(g.t(), hc[s:e].float(), beta=float(s > 0), alpha=inv_n)
             if need_b:
                 gb.add_(g.sum(0), alpha=inv_n)
     per_token = stats[5] * -stats[0] + (k * stats[4] if kl_in_grad else 0.0)
-    if gw is not None and gw_beta == 0.0:  # no response token: no chunk wrote it
-        gw.zero_()
     if gw is not None:
         gw = gw.to(w_head.dtype)
     if gb is not None:
