@@ -83,9 +83,9 @@ from torch.distributed.tensor import DTensor
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from conftest import build_model, build_tokenizer
-from asft.fused import fused_token_loss, lm_head_of
+from asft.fused import lm_head_of
 from asft.reference import FrozenModelReference, full_heads, prepare_reference
-from asft.trainer import _add_fused_forward
+from asft.trainer import _add_fused_forward, fused_loss_fn
 
 rank, world = dist.get_rank(), dist.get_world_size()
 plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
@@ -107,11 +107,8 @@ def make(seed, tie, frozen=False):
 
 def step(policy, ref, ids, labels, scale):
     reference = FrozenModelReference(ref)
-    ref_hidden, ref_head = reference.hidden({"input_ids": ids}), reference.head()
-    def loss_fn(hidden, causal_lm):
-        with full_heads(lm_head_of(causal_lm), ref_head) as (head, rhead):
-            return fused_token_loss("asft", hidden, labels, head, ref_hidden, rhead, kl_weight=0.5,
-                                    num_items_in_batch=n_global, chunk_size=5)
+    loss_fn = fused_loss_fn("asft", labels, reference.hidden({"input_ids": ids}), reference.head(), kl_weight=0.5,
+                            num_items_in_batch=n_global, chunk_size=5)  # the trainer's own
     loss, _ = policy(input_ids=ids, asft_loss_fn=loss_fn)
     (loss * scale).backward()  # FSDP averages over ranks: the trainer's x num_processes
 

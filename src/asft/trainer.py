@@ -21,7 +21,8 @@ from trl import SFTTrainer
 from .config import AnchoredSFTConfig
 from .fused import fused_token_loss, lm_head_of
 from .objectives import token_loss
-from .reference import forward_kwargs, full_heads
+from .reference import (AdapterDisabledReference, FrozenModelReference, forward_kwargs, full_heads,
+                        load_frozen_copy, prepare_reference)
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -115,6 +116,20 @@ def _add_fused_forward(causal_lm: nn.Module) -> None:
     causal_lm._asft_fused_forward = True
 
 
+def fused_loss_fn(mode: str, labels, ref_hidden=None, ref_head=None, **loss_kwargs):
+    """The `asft_loss_fn` of a fused forward: `fused_token_loss` from the policy's last hidden states.
+
+    It runs inside the policy's forward, where ZeRO-3 / FSDP let the lm_heads be gathered (`full_heads`) and the
+    gradient it stashes for a trainable head is reduced by their hooks as usual.
+    """
+
+    def loss_fn(hidden, causal_lm):
+        with full_heads(lm_head_of(causal_lm), ref_head) as (head, full_ref_head):
+            return fused_token_loss(mode, hidden, labels, head, ref_hidden, full_ref_head, **loss_kwargs)
+
+    return loss_fn
+
+
 class AnchoredSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is one of sft | dft | sft_kl | asft | iw_sft (see `asft.objectives`).
 
@@ -159,7 +174,6 @@ class AnchoredSFTTrainer(SFTTrainer):
 
     def _build_reference(self, unwrapped, ref_model):
         from .models import DTYPES
-        from .reference import AdapterDisabledReference, FrozenModelReference, load_frozen_copy, prepare_reference
 
         if self.is_peft and ref_model is None:
             return AdapterDisabledReference(unwrapped)
@@ -203,13 +217,7 @@ class AnchoredSFTTrainer(SFTTrainer):
                 with self.accelerator.autocast():  # same precision as the policy's (wrapped) forward
                     ref_hidden = self.reference.hidden(model_inputs)
                 ref_head = self.reference.head()
-
-            def loss_fn(hidden, causal_lm):
-                # ZeRO-3 / FSDP keep the lm_heads sharded outside their module's forward: gather them here.
-                with full_heads(lm_head_of(causal_lm), ref_head) as (head, full_ref_head):
-                    return fused_token_loss(mode, hidden, labels, head, ref_hidden, full_ref_head,
-                                            chunk_size=self.args.fused_chunk_size, **kwargs)
-
+            loss_fn = fused_loss_fn(mode, labels, ref_hidden, ref_head, chunk_size=self.args.fused_chunk_size, **kwargs)
             loss, terms = model(**model_inputs, asft_loss_fn=loss_fn)
         else:
             ref_logits = None
