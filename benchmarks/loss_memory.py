@@ -17,9 +17,9 @@ compiles its chunk functions there, on the run's chunk shapes).
 Memory: "extra peak" = the process's peak resident set during forward + backward (VmHWM, reset through
 /proc/self/clear_refs just before) - its resident set just before - the size of the lm_head weight gradient, which
 every path must hold. The worker runs with MALLOC_MMAP_THRESHOLD_=1 MB, so tensors are mmap'd, freed memory
-leaves the resident set at once and RSS tracks live tensors. The fused path holds its weight gradient from the start, the naive one only at the
-end of backward: if the naive peak comes earlier, the subtraction understates its extra memory (the ratio errs in
-its favour). Time: the minimum over the repeats; other processes on the machine make single runs noisy, so the
+leaves the resident set at once and RSS tracks live tensors. The fused path holds its weight gradient from the
+start, the naive one only at the end of backward: if the naive peak comes earlier, the subtraction understates its
+extra memory (the ratio errs in its favour). Time: the minimum over the repeats; other processes on the machine make single runs noisy, so the
 table also shows the 1-minute load average at the end of each worker (2 = this run alone on 2 cores).
 """
 

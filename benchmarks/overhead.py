@@ -156,7 +156,10 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    modes = args.modes.split(",")
+    # sft first, always: every ratio is against it.
+    modes = ["sft"] + [m for m in args.modes.split(",") if m != "sft"]
+    if len(modes) == 1:
+        p.error("--modes: name at least one mode besides sft")
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--loss_implementation",
               args.loss_implementation]
     memory, timing = {}, {}
@@ -179,7 +182,7 @@ def main() -> None:
 
     import torch
 
-    tokens = memory[modes[0], False]["tokens"]
+    tokens = memory["sft", False]["tokens"]
     print(f"\nSmolLM2-135M-Instruct, float32, batch 4 x ~{tokens // 4} tokens, {torch.get_num_threads()} threads, "
           f"loss {args.loss_implementation}; step time: median of {args.steps} steps, each mode paired with sft")
     print("| mode | full: step s | x sft | peak GB | x sft | LoRA: step s | x sft | peak GB | x sft |")
@@ -189,7 +192,7 @@ def main() -> None:
         row = [mode]
         for lora in (False, True):
             if mode == "sft":
-                step = statistics.median(t for m in modes[1:] if m != "sft" for t in timing[m, lora]["sft_s"])
+                step = statistics.median(t for m in modes[1:] for t in timing[m, lora]["sft_s"])
                 ratio[mode, lora] = 1.0
             else:
                 step = statistics.median(timing[mode, lora]["mode_s"])
@@ -200,7 +203,8 @@ def main() -> None:
     spread = {lora: sorted(timing["asft", lora]["ratios"]) for lora in (False, True) if ("asft", lora) in timing}
     for lora, r in spread.items():
         print(f"asft/sft pair ratios, {'LoRA' if lora else 'full'}: {', '.join(f'{x:.2f}' for x in r)}")
-    print(f"full_ratio={ratio['asft', False]:.2f} lora_ratio={ratio['asft', True]:.2f}")
+    if "asft" in modes:
+        print(f"full_ratio={ratio['asft', False]:.2f} lora_ratio={ratio['asft', True]:.2f}")
 
 
 if __name__ == "__main__":
