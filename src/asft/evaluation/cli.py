@@ -13,7 +13,7 @@ import sys
 
 from ..models import adapter_base, is_adapter_dir, resolve_model_path
 from . import EvalError
-from . import drift, judge, math as math_task, medical
+from . import code, drift, judge, math as math_task, medical
 from .datafiles import load_datasets
 from .generation import (TEMPLATES, check_backend, load_tokenizer, model_identity, resolve_device, resolve_dtype,
                          resolve_template)
@@ -21,7 +21,7 @@ from .report import markdown_table, write_results
 from .runner import Run
 from .store import Store
 
-TASKS = {"medical": medical, "math": math_task, "judge": judge, "drift": drift}
+TASKS = {"medical": medical, "math": math_task, "judge": judge, "drift": drift, "code": code}
 DEFAULT_MAX_NEW_TOKENS = {"math": 2048, "judge": 1024}
 DEFAULT_BATCH_SIZE = {"hf": 8, "vllm": 256}  # vLLM batches internally: this is only how often results are saved
 
@@ -43,13 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "judging, or drift from its base. Writes DIR/results.json and DIR/predictions.jsonl and prints a "
                     "markdown table; a rerun into the same DIR reuses finished work.")
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--model", required=True, help="model folder, hub id, .gguf file, or LoRA adapter folder "
-                                                  "(applied to its base)")
+    g.add_argument("--model", default=None, help="model folder, hub id, .gguf file, or LoRA adapter folder "
+                                                 "(applied to its base); required unless --task code --samples")
     g.add_argument("--base_model", default=None, help="base model: for an adapter, the base to apply it to "
                    "(default: the adapter's base_model_name_or_path); for --task drift, the reference")
     g.add_argument("--task", required=True, choices=sorted(TASKS), help="medical: option-letter accuracy; math: "
                    "generated answers graded by math-verify; judge: pairwise win rate against reference outputs; "
-                   "drift: KL(reference || model) and NLL per response token")
+                   "drift: KL(reference || model) and NLL per response token; code: programs run against their tests in a "
+                   "sandbox, pass@k")
     g.add_argument("--data", required=True, help="data file(s), comma-separated (JSONL, JSON or parquet); format "
                    "detected per file")
     g.add_argument("--output_dir", required=True, help="where results.json, predictions.jsonl and the stored "
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--generator", default=None, help="generator name in model_outputs.json (default: the model "
                    "folder's name)")
 
+    code.add_arguments(p)
+
     g = p.add_argument_group("drift")
     g.add_argument("--max_length", type=int, default=None, help="truncate each prompt+response to this many "
                    "tokens, as training's --model_max_length")
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
+    if args.model is None and not (args.task == "code" and args.samples):
+        raise EvalError("--model is required (only --task code --samples FILE grades without a model)")
     for flag in ("limit", "batch_size", "max_new_tokens", "num_samples", "judge_concurrency", "bootstrap_samples",
                  "max_length", "tensor_parallel_size"):
         value = getattr(args, flag)
@@ -151,6 +156,8 @@ def evaluate(args) -> int:
     check_args(args)
     fill_defaults(args)
     task = TASKS[args.task]
+    if args.task == "code" and args.samples:
+        return code.grade_samples(args)
     datasets = load_datasets(args.data, lambda path: task.load(path, args), args.limit)
     tokenizer = load_tokenizer(args.model, base_model=args.base_model, trust_remote_code=args.trust_remote_code)
     template = resolve_template(args.template, tokenizer)

@@ -127,9 +127,9 @@ class Sandbox:
 
     # ---------------------------------------------------------------------------------------------- running
 
-    def _command(self, workdir: str, status_fd: int, probe: bool) -> list[str]:
+    def _command(self, workdir: str, status_fd: int, probe: bool, timeout: float) -> list[str]:
         lim = self.limits
-        cfg = {"isolate": self.isolate, "probe": probe, "cpu_seconds": max(1, math.ceil(lim.timeout)),
+        cfg = {"isolate": self.isolate, "probe": probe, "cpu_seconds": max(1, math.ceil(timeout)),
                "memory_mb": lim.memory_mb, "max_processes": lim.max_processes, "max_file_mb": lim.max_file_mb}
         cmd = [self.python, "-I", "-B", str(CHILD), str(status_fd), workdir, json.dumps(cfg)]
         return [self.unshare, *UNSHARE_FLAGS, *cmd] if self.isolate else cmd
@@ -144,7 +144,7 @@ class Sandbox:
             Path(workdir, "program.py").write_text(program, encoding="utf-8")
             read_fd, write_fd = os.pipe()
             try:
-                proc = subprocess.Popen(self._command(workdir, write_fd, probe), cwd=workdir,
+                proc = subprocess.Popen(self._command(workdir, write_fd, probe, timeout), cwd=workdir,
                                         env=_environment(workdir), stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(write_fd,),
                                         start_new_session=True)
@@ -198,24 +198,26 @@ class Sandbox:
             return {"status": "killed", "reason": f"killed by {_signal_name(number)}"}
         return {"status": "exited", "reason": f"exited with code {returncode} before its tests finished"}
 
-    def run(self, program: str) -> Outcome:
-        raw = self._spawn(program)
+    def run(self, program: str, timeout: float | None = None) -> Outcome:
+        """Run one program (`timeout` overrides the limits' wall-clock seconds, and the CPU seconds with it)."""
+        raw = self._spawn(program, timeout=timeout)
         return Outcome(str(raw["status"]), str(raw.get("reason", "")))
 
-    def run_many(self, programs: Iterable[str], workers: int,
+    def run_many(self, programs: Iterable[str | tuple[str, float]], workers: int,
                  on_done: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
-        """Run programs in parallel; each worker thread waits on one child at a time. Results in input order."""
-        programs = list(programs)
-        results: list[Outcome | None] = [None] * len(programs)
+        """Run programs (or (program, timeout) pairs) in parallel; each worker thread waits on one child at a
+        time. Results in input order."""
+        jobs = [p if isinstance(p, tuple) else (p, None) for p in programs]
+        results: list[Outcome | None] = [None] * len(jobs)
         lock = threading.Lock()
 
         def one(i: int) -> None:
-            outcome = self.run(programs[i])
+            outcome = self.run(*jobs[i])
             with lock:
                 results[i] = outcome
                 if on_done is not None:
                     on_done(i, outcome)
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            list(pool.map(one, range(len(programs))))
+            list(pool.map(one, range(len(jobs))))
         return results  # type: ignore[return-value]
