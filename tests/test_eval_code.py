@@ -52,7 +52,7 @@ HOSTILE = {  # program -> (status, a fragment of the reason)
 def test_each_program_gets_its_verdict(sandbox, program):
     status, reason = HOSTILE[program]
     outcome = sandbox.run(program)
-    assert outcome.status == status and reason in outcome.reason
+    assert outcome.status == status and reason in outcome.reason, outcome
     assert outcome.passed == (status == "passed")
 
 
@@ -82,7 +82,7 @@ def test_writes_stay_in_the_work_directory(sandbox, tmp_path):
     needs_isolation(sandbox)
     target = tmp_path / "escaped.txt"
     outcome = sandbox.run(f"open({str(target)!r}, 'w').write('x')")
-    assert outcome.status == "error" and "Read-only file system" in outcome.reason
+    assert outcome.status == "error" and "Read-only file system" in outcome.reason, outcome
     assert not target.exists()
 
 
@@ -91,13 +91,13 @@ def test_namespaces_hold_where_active(sandbox):
     assert sandbox.protections["pid_namespace"] and sandbox.protections["read_only_filesystem"]
     # A real fork bomb (the switched-off os.fork bypassed) stops at the process limit and dies with its tree.
     bomb = sandbox.run("import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    libc.fork()")
-    assert bomb.status == "timeout"
+    assert bomb.status == "timeout", bomb
     # The parent is invisible: kill(getppid()) and kill(-1) reach nothing of ours (this test still runs).
     sniper = sandbox.run("import ctypes, os\nlibc = ctypes.CDLL(None)\nassert os.getppid() == 0\n"
                          "libc.kill(os.getppid(), 9)\nlibc.kill(-1, 9)")
     assert sniper.passed, sniper.reason
     net = sandbox.run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)")
-    assert net.status == "error" and "OSError" in net.reason
+    assert net.status == "error" and "OSError" in net.reason, net
     # The read-only flag is locked: the program, root-looking in its namespace, cannot remount it writable.
     remount = sandbox.run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                           "assert libc.mount(None, b'/', None, 32 | 4096, None) != 0")
@@ -334,3 +334,16 @@ def test_forced_model_end_to_end(returns_7, tmp_path):
     assert main(args) == 0
     assert (out / "generations.jsonl").read_text() == stored
     assert os.path.exists(out / "executions.jsonl")
+
+
+def test_home_directory_is_hidden(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("PRIVATE KEY")
+    monkeypatch.setenv("HOME", str(home))
+    sb = Sandbox(Limits(timeout=TIMEOUT, memory_mb=512))
+    needs_isolation(sb)
+    assert str(home) in sb.protections["hidden_credential_paths"]
+    outcome = sb.run(f"import os\nassert os.listdir({str(home)!r}) == [], os.listdir({str(home)!r})")
+    assert outcome.passed, outcome.reason
+    assert (home / ".ssh" / "id_ed25519").read_text() == "PRIVATE KEY"  # hidden from the program, not touched

@@ -15,7 +15,9 @@ And, where the machine allows unprivileged namespaces (util-linux `unshare` pres
     processes only, so a fork bomb stops at the limit;
   - a network namespace with no interface but a down loopback: no network at all;
   - a mount namespace where everything but the working directory is read-only, locked by a nested user
-    namespace so the program cannot remount it writable.
+    namespace so the program cannot remount it writable, and where the usual credential paths of the home
+    directory are covered by empty ones: the whole home when the interpreter, asft and the temp dir lie outside
+    it, else ~/.ssh, ~/.aws, ~/.cache/huggingface, ~/.netrc, ... (and $HF_HOME wherever it is).
 Which of these were active is measured once, from inside a probe child, and reported (`Sandbox.protections`):
 never assumed. `isolation="required"` refuses to run without the namespaces; "off" never uses them.
 """
@@ -42,7 +44,9 @@ CHILD = Path(__file__).with_name("sandbox_child.py")
 ISOLATIONS = ("auto", "required", "off")
 UNSHARE_FLAGS = ["--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child"]
 STATUS_BYTES = 4096
-# Statuses the child reports, and those the parent adds when the child dies without a verdict.
+# Where tokens and keys usually live in a home directory that cannot be hidden whole.
+CREDENTIALS = (".ssh", ".aws", ".azure", ".config/gcloud", ".config/gh", ".cache/huggingface", ".huggingface",
+               ".netrc", ".git-credentials", ".pypirc", ".docker", ".kube", ".gnupg", ".password-store", ".npmrc")
 PASSED = "passed"
 
 
@@ -69,6 +73,26 @@ def _environment(workdir: str) -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+def _under(path: str, folder: str) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(folder).rstrip("/") + "/")
+
+
+def credential_paths() -> list[str]:
+    """A home directory wholly, when nothing the child needs (the interpreter, asft, the temp dir) lies in it;
+    else its usual credential paths."""
+    needed = [sys.prefix, sys.base_prefix, sys.executable, str(CHILD), tempfile.gettempdir()]
+    paths = []
+    for home in sorted({str(Path.home()), os.path.expanduser("~root")}):
+        if not os.path.isdir(home) or home == "/":
+            continue
+        if any(_under(p, home) for p in needed):
+            paths += [os.path.join(home, name) for name in CREDENTIALS]
+        else:
+            paths.append(home)
+    paths += [os.environ[v] for v in ("HF_HOME", "HF_TOKEN_PATH") if os.environ.get(v)]
+    return [os.path.realpath(p) for p in paths if os.path.lexists(p)]
+
+
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -83,6 +107,7 @@ class Sandbox:
         self.limits, self.python = limits, python or sys.executable
         self.unshare = shutil.which("unshare") if isolation != "off" else None
         self.isolate, self.facts, self.why_not = False, {}, "turned off (isolation off)"
+        self.hidden = credential_paths() if isolation != "off" else []
         if isolation != "off":
             self._probe()
         if isolation == "required" and not self.isolate:
@@ -115,6 +140,7 @@ class Sandbox:
         return {"child_process": True, "process_group_kill_on_timeout": True, "rlimits": asdict(self.limits),
                 "temporary_workdir": True, "clean_environment": True, "destructive_calls_disabled": True,
                 "pid_namespace": iso, "network_namespace": iso, "read_only_filesystem": iso,
+                "hidden_credential_paths": self.hidden if iso else [],
                 "fork_bomb_bounded": iso or (os.geteuid() != 0),
                 "namespaces": "active" if iso else f"inactive: {self.why_not}"}
 
@@ -129,7 +155,7 @@ class Sandbox:
 
     def _command(self, workdir: str, status_fd: int, probe: bool, timeout: float) -> list[str]:
         lim = self.limits
-        cfg = {"isolate": self.isolate, "probe": probe, "cpu_seconds": max(1, math.ceil(timeout)),
+        cfg = {"isolate": self.isolate, "probe": probe, "hide": self.hidden, "cpu_seconds": max(1, math.ceil(timeout)),
                "memory_mb": lim.memory_mb, "max_processes": lim.max_processes, "max_file_mb": lim.max_file_mb}
         cmd = [self.python, "-I", "-B", str(CHILD), str(status_fd), workdir, json.dumps(cfg)]
         return [self.unshare, *UNSHARE_FLAGS, *cmd] if self.isolate else cmd

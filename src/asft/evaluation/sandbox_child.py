@@ -2,8 +2,8 @@
 
 argv: STATUS_FD WORKDIR CONFIG_JSON. The program to run is WORKDIR/program.py. In order:
 
-1. with "isolate" (we run inside `unshare --user --map-root-user --net --mount --pid --fork --mount-proc`): bind
-   WORKDIR onto itself, remount every other mount read-only, then enter a second user + mount namespace, whose
+1. with "isolate" (we run inside `unshare --user --map-root-user --net --mount --pid --fork --mount-proc`): cover
+   the credential paths listed in "hide" (empty tmpfs over a folder, /dev/null over a file), bind WORKDIR onto itself, remount every other mount read-only, then enter a second user + mount namespace, whose
    copy of the mounts the kernel locks (a less privileged namespace cannot clear their read-only flag), so the
    program, root-looking as it is, cannot remount them writable again;
 2. resource limits (CPU seconds, address space, processes, file size, no core dumps);
@@ -37,9 +37,10 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _mount(libc, source, target: str, flags: int) -> None:
+def _mount(libc, source, target: str, flags: int, fstype: str | None = None) -> None:
     src = source.encode() if source else None
-    if libc.mount(src, target.encode(), None, ctypes.c_ulong(flags), None) != 0:
+    kind = fstype.encode() if fstype else None
+    if libc.mount(src, target.encode(), kind, ctypes.c_ulong(flags), None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {target}: {os.strerror(err)}")
 
@@ -60,10 +61,24 @@ def _mounts() -> list[tuple[str, list[str]]]:
     return out
 
 
-def make_read_only(workdir: str) -> None:
-    """Everything but WORKDIR read-only, locked by a nested user namespace (see the module's docstring)."""
+def hide(libc, paths: list[str], workdir: str) -> None:
+    """Cover credential folders with an empty tmpfs and credential files with /dev/null: the program could
+    otherwise read a token and print it into the results (it has no network to send it anywhere)."""
+    for path in paths:
+        if workdir.startswith(path.rstrip("/") + "/") or os.path.islink(path):
+            continue
+        if os.path.isdir(path):
+            _mount(libc, "tmpfs", path, MS_NOSUID | MS_NODEV | MS_NOEXEC, "tmpfs")
+        elif os.path.isfile(path):
+            _mount(libc, "/dev/null", path, MS_BIND)
+
+
+def make_read_only(workdir: str, hidden: list[str]) -> None:
+    """Credentials hidden, everything but WORKDIR read-only, locked by a nested user namespace (see the
+    module's docstring)."""
     libc = _libc()
     _mount(libc, None, "/", MS_REC | MS_PRIVATE)
+    hide(libc, hidden, workdir)
     _mount(libc, workdir, workdir, MS_BIND)
     for target, options in _mounts():
         if target == workdir or "ro" in options:
@@ -114,7 +129,7 @@ def disable_destructive_calls() -> None:
         sys.modules[name] = None
 
 
-def probe_facts(workdir: str) -> dict:
+def probe_facts(workdir: str, hidden: list[str]) -> dict:
     """What the sandbox actually achieved, measured from inside (the parent reports these, never assumes them)."""
     import socket
 
@@ -125,7 +140,10 @@ def probe_facts(workdir: str) -> dict:
         read_only = False
     except OSError:
         read_only = True
+    visible = [p for p in hidden if (os.path.isdir(p) and not os.path.islink(p) and os.listdir(p))
+               or (os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) > 0)]
     return {"pid_namespace": os.getpid() == 1, "read_only_outside_workdir": read_only,
+            "credentials_hidden": not visible,
             "no_network": {name for _, name in socket.if_nameindex()} <= {"lo"}}
 
 
@@ -140,13 +158,13 @@ def main() -> None:
     setup_error = None
     if cfg.get("isolate"):
         try:
-            make_read_only(workdir)
+            make_read_only(workdir, cfg.get("hide", []))
         except OSError as e:
             setup_error = str(e)
     os.chdir(workdir)
     set_limits(cfg)
     if cfg.get("probe"):
-        verdict("probe", setup_error or "", facts=probe_facts(workdir), setup_error=setup_error)
+        verdict("probe", setup_error or "", facts=probe_facts(workdir, cfg.get("hide", [])), setup_error=setup_error)
     if setup_error:
         verdict("sandbox_error", setup_error)
     with open("program.py", encoding="utf-8") as f:
