@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding; > 0 samples")
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold (when sampling)")
     g.add_argument("--num_samples", type=int, default=1, help="math: samples per problem; > 1 reports avg@n "
-                   "(mean accuracy over samples), pass@1 (first sample) and pass@n")
+                   "(mean accuracy over samples), pass@1 (first sample) and pass@n; code: samples for pass@k")
     g.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
     g.add_argument("--math_timeout", type=int, default=5, help="math: seconds per math-verify parse or comparison")
 
