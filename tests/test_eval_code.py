@@ -347,3 +347,20 @@ def test_home_directory_is_hidden(tmp_path, monkeypatch):
     outcome = sb.run(f"import os\nassert os.listdir({str(home)!r}) == [], os.listdir({str(home)!r})")
     assert outcome.passed, outcome.reason
     assert (home / ".ssh" / "id_ed25519").read_text() == "PRIVATE KEY"  # hidden from the program, not touched
+
+
+def test_generation_stops_at_the_stop_sequence(tmp_path):
+    """A model that would write "\\treturn 7\\nif" over and over stops at its first "\\nif" (HumanEval's stop
+    sequences), instead of running to --max_new_tokens."""
+    tok = build_tokenizer()
+    ids = tok.encode("\treturn 7\nif")
+    model = save_forced(tmp_path / "loops", ids[0], dict(zip(ids, ids[1:] + [ids[0]])))
+    data = write_jsonl(tmp_path / "one.jsonl", [{"task_id": "S/0", "prompt": "def answer():", "entry_point": "answer",
+                                                 "test": "def check(f):\n    assert f() == 7\n"}])
+    out = tmp_path / "out"
+    assert main(["--model", str(model), "--task", "code", "--data", str(data), "--output_dir", str(out), "--quiet",
+                 "--template", "none", "--max_new_tokens", "60", "--code_timeout", str(TIMEOUT)]) == 0
+    raw = json.loads((out / "generations.jsonl").read_text())["output"]["completion"]
+    assert raw.count("return") == 1 and raw.startswith("\treturn 7\nif")
+    row = json.loads((out / "predictions.jsonl").read_text())
+    assert (row["completion"], row["passed"]) == ("\treturn 7", True)

@@ -410,7 +410,8 @@ def gen_settings(args) -> GenSettings:
 
 
 def settings(args) -> dict:
-    return {**vars(gen_settings(args)), "instruction": INSTRUCTION}
+    return {**vars(gen_settings(args)), "instruction": INSTRUCTION,
+            "stop": {"body": list(HUMANEVAL_STOP), "function": list(FUNCTION_STOP)}}
 
 
 def prepare(run, datasets: list[Dataset]) -> None:
@@ -425,9 +426,19 @@ def _prompt(item: Item, template: str, tokenizer) -> str:
     return render_prompt(f"{INSTRUCTION}\n\n```python\n{item.meta['prompt'].strip()}\n```", template, tokenizer)
 
 
+def stop_sequences(batch: list[Item], template: str) -> tuple[str, ...]:
+    """Where a continued prompt ends, so that generation stops there; none for chat replies (their code block is
+    extracted), nor for a batch mixing function bodies and whole functions (cut afterwards instead)."""
+    styles = {it.meta["style"] for it in batch}
+    if template != "none" or len(styles) != 1:
+        return ()
+    return HUMANEVAL_STOP if styles == {"body"} else FUNCTION_STOP
+
+
 def generate(run, batch: list[Item], s: GenSettings) -> list[list[dict]]:
     prompts = [encode_prompt(_prompt(it, run.template, run.tokenizer), run.tokenizer) for it in batch]
-    return [[{"completion": c} for c in texts] for texts in run.backend.generate(prompts, s)]
+    texts = run.backend.generate(prompts, s, stop=stop_sequences(batch, run.template))
+    return [[{"completion": c} for c in samples] for samples in texts]
 
 
 def evaluate(run, ds: Dataset) -> DatasetResult:

@@ -193,12 +193,17 @@ class HFBackend:
             eos_token_id=stop_token_ids(getattr(self.model, "generation_config", None), self.tokenizer), **sampling)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], s: GenSettings) -> list[list[str]]:
-        """`num_samples` completions per prompt (decoded, special tokens dropped)."""
+    def generate(self, prompts: list[list[int]], s: GenSettings, stop: tuple[str, ...] = ()) -> list[list[str]]:
+        """`num_samples` completions per prompt (decoded, special tokens dropped); a completion may end early at
+        a `stop` string (which it then includes: callers cut it off, as vLLM's output does not hold it)."""
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
         if s.temperature > 0:
             torch.manual_seed(s.seed)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.generation_config(s))
+        config = self.generation_config(s)
+        extra = {}
+        if stop:
+            config.stop_strings, extra["tokenizer"] = list(stop), self.tokenizer
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
         texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         n = s.num_samples
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -58,12 +58,13 @@ class VLLMBackend:
         inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         return self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
 
-    def generate(self, prompts: list[list[int]], s: GenSettings) -> list[list[str]]:
+    def generate(self, prompts: list[list[int]], s: GenSettings, stop: tuple[str, ...] = ()) -> list[list[str]]:
         from vllm import SamplingParams
 
         params = SamplingParams(n=s.num_samples, temperature=s.temperature, top_p=s.top_p if s.temperature else 1.0,
                                 max_tokens=s.max_new_tokens, seed=s.seed if s.temperature else None,
-                                repetition_penalty=1.0, stop_token_ids=self.stop_ids, skip_special_tokens=True)
+                                repetition_penalty=1.0, stop_token_ids=self.stop_ids, skip_special_tokens=True,
+                                stop=list(stop) or None)
         return [[c.text for c in out.outputs] for out in self._run(prompts, params)]
 
     def next_token_logprobs(self, prompts: list[list[int]], candidates: list[int]) -> list[list[float]]:
