@@ -218,6 +218,16 @@ def test_completion_postprocessing(files):
     assert postprocess(add, reply, "chat") == "\ndef add(a, b):\n    return a + b\n"
     assert extract_code("```python\ndef f():\n    return 1") == "def f():\n    return 1"  # cut off, unclosed
     assert extract_code("def f(): return 1") == "def f(): return 1"
+    chat = code_task._prompt(add, "chat", build_tokenizer())
+    assert chat.startswith("<|im_start|>user\n" + code_task.INSTRUCTION) and "```python\ndef add(a, b):" in chat
+    assert code_task._prompt(add, "none", None) == add.meta["prompt"]
+
+
+def test_mbpp_setup_code_and_imports_run_before_the_tests(tmp_path, sandbox):
+    row = {**MBPP_ROWS[0], "test_imports": ["import math"], "test_setup_code": "OFFSET = 0",
+           "test_list": ["assert add(1, 2) == math.floor(3.5) + OFFSET"]}
+    _, (item,) = load(str(write_jsonl(tmp_path / "m.jsonl", [row])))
+    assert sandbox.run(code_task.program(item, "def add(a, b):\n    return a + b")).passed
 
 
 # ------------------------------------------------------------------------------------------- grading samples

@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the adapter's base_model_name_or_path); for --task drift, the reference")
     g.add_argument("--task", required=True, choices=sorted(TASKS), help="medical: option-letter accuracy; math: "
                    "generated answers graded by math-verify; judge: pairwise win rate against reference outputs; "
-                   "drift: KL(reference || model) and NLL per response token; code: programs run against their tests in a "
-                   "sandbox, pass@k")
+                   "drift: KL(reference || model) and NLL per response token; code: programs run against their "
+                   "tests in a sandbox, pass@k")
     g.add_argument("--data", required=True, help="data file(s), comma-separated (JSONL, JSON or parquet); format "
                    "detected per file")
     g.add_argument("--output_dir", required=True, help="where results.json, predictions.jsonl and the stored "
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     if args.model is None and not (args.task == "code" and args.samples):
         raise EvalError("--model is required (only --task code --samples FILE grades without a model)")
+    if args.samples and args.task != "code":
+        raise EvalError("--samples grades given completions with --task code only")
     for flag in ("limit", "batch_size", "max_new_tokens", "num_samples", "judge_concurrency", "bootstrap_samples",
                  "max_length", "tensor_parallel_size"):
         value = getattr(args, flag)

