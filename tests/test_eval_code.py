@@ -98,6 +98,9 @@ def test_namespaces_hold_where_active(sandbox):
     assert sniper.passed, sniper.reason
     net = sandbox.run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)")
     assert net.status == "error" and "OSError" in net.reason, net
+    # Its working directory is a small tmpfs: writing without end fills that, not the machine's disk.
+    fill = sandbox.run("for i in range(20):\n    open(f'f{i}', 'wb').write(bytes(15 * 2 ** 20))")
+    assert fill.status == "error" and "No space left" in fill.reason, fill
     # The read-only flag is locked: the program, root-looking in its namespace, cannot remount it writable.
     remount = sandbox.run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                           "assert libc.mount(None, b'/', None, 32 | 4096, None) != 0")

@@ -14,7 +14,8 @@ And, where the machine allows unprivileged namespaces (util-linux `unshare` pres
     (not its parent, not `kill(-1)`), and the whole tree dies with it; RLIMIT_NPROC then counts its own
     processes only, so a fork bomb stops at the limit;
   - a network namespace with no interface but a down loopback: no network at all;
-  - a mount namespace where everything but the working directory is read-only, locked by a nested user
+  - a mount namespace where the working directory is a fresh tmpfs of `max_disk_mb` (a program cannot fill the
+    disk) and everything else is read-only, locked by a nested user
     namespace so the program cannot remount it writable, and where the usual credential paths of the home
     directory are covered by empty ones: the whole home when the interpreter, asft and the temp dir lie outside
     it, else ~/.ssh, ~/.aws, ~/.cache/huggingface, ~/.netrc, ... (and $HF_HOME wherever it is).
@@ -56,6 +57,7 @@ class Limits:
     memory_mb: int = 2048  # address space
     max_processes: int = 64  # RLIMIT_NPROC (a fork bomb's ceiling where a user namespace counts them)
     max_file_mb: int = 16  # largest file the program may write
+    max_disk_mb: int = 64  # isolated: the size of the tmpfs that is its working directory
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,14 @@ class Sandbox:
             return
         self.isolate = True
         raw = self._spawn("", probe=True, timeout=max(self.limits.timeout, 10.0))
-        facts = raw.get("facts") if raw.get("status") == "probe" else None
-        if not facts or raw.get("setup_error"):
+        if raw.get("status") != "probe":
             self.isolate = False
-            self.why_not = raw.get("setup_error") or raw.get("reason") or "the probe child did not report"
+            self.why_not = f"`unshare {' '.join(UNSHARE_FLAGS)}` does not work here ({raw.get('reason')})"
             return
+        if raw.get("setup_error") or not raw.get("facts"):
+            self.isolate, self.why_not = False, f"namespace setup failed: {raw.get('setup_error')}"
+            return
+        facts = raw["facts"]
         self.facts, self.why_not = facts, ""
         missing = [name for name, ok in facts.items() if not ok]
         if missing:
@@ -156,7 +161,8 @@ class Sandbox:
     def _command(self, workdir: str, status_fd: int, probe: bool, timeout: float) -> list[str]:
         lim = self.limits
         cfg = {"isolate": self.isolate, "probe": probe, "hide": self.hidden, "cpu_seconds": max(1, math.ceil(timeout)),
-               "memory_mb": lim.memory_mb, "max_processes": lim.max_processes, "max_file_mb": lim.max_file_mb}
+               "memory_mb": lim.memory_mb, "max_processes": lim.max_processes, "max_file_mb": lim.max_file_mb,
+               "max_disk_mb": lim.max_disk_mb}
         cmd = [self.python, "-I", "-B", str(CHILD), str(status_fd), workdir, json.dumps(cfg)]
         return [self.unshare, *UNSHARE_FLAGS, *cmd] if self.isolate else cmd
 

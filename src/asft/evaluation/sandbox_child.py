@@ -3,8 +3,8 @@
 argv: STATUS_FD WORKDIR CONFIG_JSON. The program to run is WORKDIR/program.py. In order:
 
 1. with "isolate" (we run inside `unshare --user --map-root-user --net --mount --pid --fork --mount-proc`): cover
-   the credential paths listed in "hide" (empty tmpfs over a folder, /dev/null over a file), bind WORKDIR onto
-   itself, remount every other mount read-only, then enter a second user + mount namespace, whose copy of the
+   the credential paths listed in "hide" (empty tmpfs over a folder, /dev/null over a file), cover WORKDIR with a
+   fresh size-limited tmpfs (its program read first), remount every other mount read-only, then enter a second user + mount namespace, whose copy of the
    mounts the kernel locks (a less privileged namespace cannot clear their read-only flag), so the program,
    root-looking as it is, cannot remount them writable again;
 2. resource limits (CPU seconds, address space, processes, file size, no core dumps);
@@ -38,10 +38,10 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _mount(libc, source, target: str, flags: int, fstype: str | None = None) -> None:
+def _mount(libc, source, target: str, flags: int, fstype: str | None = None, data: str | None = None) -> None:
     src = source.encode() if source else None
     kind = fstype.encode() if fstype else None
-    if libc.mount(src, target.encode(), kind, ctypes.c_ulong(flags), None) != 0:
+    if libc.mount(src, target.encode(), kind, ctypes.c_ulong(flags), data.encode() if data else None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {target}: {os.strerror(err)}")
 
@@ -74,13 +74,13 @@ def hide(libc, paths: list[str], workdir: str) -> None:
             _mount(libc, "/dev/null", path, MS_BIND)
 
 
-def make_read_only(workdir: str, hidden: list[str]) -> None:
-    """Credentials hidden, everything but WORKDIR read-only, locked by a nested user namespace (see the
-    module's docstring)."""
+def make_read_only(workdir: str, hidden: list[str], disk_mb: int) -> None:
+    """Credentials hidden, WORKDIR replaced by a fresh tmpfs of `disk_mb` (a program cannot fill the real disk),
+    everything else read-only, locked by a nested user namespace (see the module's docstring)."""
     libc = _libc()
     _mount(libc, None, "/", MS_REC | MS_PRIVATE)
     hide(libc, hidden, workdir)
-    _mount(libc, workdir, workdir, MS_BIND)
+    _mount(libc, "tmpfs", workdir, MS_NOSUID | MS_NODEV, "tmpfs", f"size={int(disk_mb)}m,mode=700")
     for target, options in _mounts():
         if target == workdir or "ro" in options:
             continue
@@ -143,7 +143,13 @@ def probe_facts(workdir: str, hidden: list[str]) -> dict:
         read_only = True
     visible = [p for p in hidden if (os.path.isdir(p) and not os.path.islink(p) and os.listdir(p))
                or (os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) > 0)]
-    return {"pid_namespace": os.getpid() == 1, "read_only_outside_workdir": read_only,
+    try:
+        with open("probe.txt", "w") as f:
+            f.write("ok")
+        writable = True
+    except OSError:
+        writable = False
+    return {"pid_namespace": os.getpid() == 1, "read_only_outside_workdir": read_only, "workdir_writable": writable,
             "credentials_hidden": not visible,
             "no_network": {name for _, name in socket.if_nameindex()} <= {"lo"}}
 
@@ -156,10 +162,12 @@ def main() -> None:
         write(status_fd, json.dumps({"status": status, "reason": reason[:REASON_CHARS], **extra}).encode())
         exit_now(0)
 
+    with open(os.path.join(workdir, "program.py"), encoding="utf-8") as f:
+        source = f.read()  # before WORKDIR is covered by its tmpfs
     setup_error = None
     if cfg.get("isolate"):
         try:
-            make_read_only(workdir, cfg.get("hide", []))
+            make_read_only(workdir, cfg.get("hide", []), cfg["max_disk_mb"])
         except OSError as e:
             setup_error = str(e)
     os.chdir(workdir)
@@ -168,13 +176,12 @@ def main() -> None:
         verdict("probe", setup_error or "", facts=probe_facts(workdir, cfg.get("hide", [])), setup_error=setup_error)
     if setup_error:
         verdict("sandbox_error", setup_error)
-    with open("program.py", encoding="utf-8") as f:
-        source = f.read()
     try:
         code = compile(source, "program.py", "exec")
     except (SyntaxError, ValueError) as e:
         verdict("syntax_error", f"{type(e).__name__}: {e}")
     disable_destructive_calls()
+    sys.argv = ["program.py"]
     try:
         exec(code, {"__name__": "__main__", "__builtins__": builtins})
     except MemoryError:
