@@ -333,7 +333,7 @@ def test_forced_model_end_to_end(returns_7, tmp_path):
             "--template", "none", "--max_new_tokens", "12", "--code_timeout", str(TIMEOUT)]
     assert main(args) == 0
     report = json.loads((out / "results.json").read_text())
-    assert report["datasets"]["seven"]["value"] == 0.5 and report["datasets"]["seven"]["sandbox"]["child_process"]
+    assert report["datasets"]["seven"]["value"] == 0.5 and report["sandbox"]["child_process"]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [(r["completion"], r["passed"], r["status"]) for r in rows] == [("\treturn 7", True, "passed"),
                                                                           ("\treturn 7", False, "failed")]

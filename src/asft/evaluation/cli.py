@@ -173,6 +173,8 @@ def evaluate(args) -> int:
         task.finish(run, datasets, results)
     header = {"model": args.model, "base_model": args.base_model, "task": args.task, "backend": args.backend,
               "settings": {**settings, "limit": args.limit, "batch_size": args.batch_size}}
+    if hasattr(task, "report_header"):
+        header.update(task.report_header(run))
     report = write_results(store.dir, header, results)
     print(markdown_table(report))
     print(f"\nResults: {store.dir / 'results.json'}; per item: {store.dir / 'predictions.jsonl'}")

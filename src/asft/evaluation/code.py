@@ -320,7 +320,7 @@ def grade(grader: Grader, ds: Dataset, codes: dict[int, list[str]], completions:
         plus = grader.run([(program(it, code, "plus"), timeout) for it, _, code in passed], f"code {ds.name}+")
         for (it, s, _), o in zip(passed, plus):
             outcome[(it.index, s)]["plus"] = o
-    return summarize(ds, items, outcome, completions, ks, grader.sandbox.protections)
+    return summarize(ds, items, outcome, completions, ks)
 
 
 def _sample_row(completion: dict, base: Outcome, plus: Outcome | None, evalplus: bool) -> dict:
@@ -331,8 +331,8 @@ def _sample_row(completion: dict, base: Outcome, plus: Outcome | None, evalplus:
     return row
 
 
-def summarize(ds: Dataset, items: list[Item], outcome: dict, completions: dict[int, list[dict]], ks: list[int],
-              protections: dict) -> DatasetResult:
+def summarize(ds: Dataset, items: list[Item], outcome: dict, completions: dict[int, list[dict]],
+              ks: list[int]) -> DatasetResult:
     evalplus = ds.format == "evalplus"
     predictions, base_counts, plus_counts, statuses = [], [], [], Counter()
     for it in items:
@@ -352,8 +352,7 @@ def summarize(ds: Dataset, items: list[Item], outcome: dict, completions: dict[i
     base_scores = pass_at_ks(base_counts, ks)
     scores = pass_at_ks(plus_counts, ks) if evalplus else base_scores
     extra = {**scores, "num_samples": max((n for n, _ in base_counts), default=0),
-             "tests": "base + plus (evalplus)" if evalplus else "base", "statuses": dict(statuses),
-             "sandbox": protections}
+             "tests": "base + plus (evalplus)" if evalplus else "base", "statuses": dict(statuses)}
     if evalplus:
         extra.update({f"base_{k}": v for k, v in base_scores.items()})
     return DatasetResult(ds.name, ds.path, ds.format, "pass@1", scores.get("pass@1"), len(items), extra, predictions)
@@ -464,6 +463,11 @@ def _sample_record(item: Item, completion: str) -> dict:
 
 def finish(run, datasets: list[Dataset], results: list[DatasetResult]) -> None:
     print_scores(results)
+
+
+def report_header(run) -> dict:
+    """results.json's top-level "sandbox": the protections every program of this run had."""
+    return {"sandbox": run.state["grader"].sandbox.protections}
 
 
 def print_scores(results: list[DatasetResult]) -> None:
