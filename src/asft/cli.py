@@ -19,7 +19,7 @@ USAGE = """usage: asft COMMAND [ARGS]
 
 commands:
   train       fine-tune a causal LM with sft | dft | sft_kl | asft | iw_sft
-  eval        evaluate a model (medical, math, judge, drift)
+  eval        evaluate a model (medical, math, judge, drift, code)
   merge-lora  merge a LoRA adapter into its base model
   data        download, convert and inspect training data
   launch      run `asft train` under `accelerate launch` with a preset: ddp, fsdp, zero2, zero3 (or a config file)

@@ -1,4 +1,4 @@
-"""Evaluation the way the ASFT paper reports it: `asft eval --task medical | math | judge | drift`.
+"""Evaluation the way the ASFT paper reports it: `asft eval --task medical | math | judge | drift | code`.
 
 Layout: `cli.py` parses flags and runs a task; `datafiles.py` reads and validates the input files; `store.py`
 keeps finished generations so a rerun resumes; `generation.py` loads models and holds the hf / vLLM backends;
