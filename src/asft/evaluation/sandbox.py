@@ -91,7 +91,8 @@ def credential_paths() -> list[str]:
             paths += [os.path.join(home, name) for name in CREDENTIALS]
         else:
             paths.append(home)
-    paths += [os.environ[v] for v in ("HF_HOME", "HF_TOKEN_PATH") if os.environ.get(v)]
+    paths += [os.environ[v] for v in ("HF_HOME", "HF_TOKEN_PATH")
+              if os.environ.get(v) and not any(_under(p, os.environ[v]) for p in needed)]
     return [os.path.realpath(p) for p in paths if os.path.lexists(p)]
 
 
