@@ -22,6 +22,7 @@ commands:
   eval        evaluate a model (medical, math, judge, drift, code)
   merge-lora  merge a LoRA adapter into its base model
   data        download, convert and inspect training data
+  cache-reference  store the reference's top-k log-probs over the training set (asft train --reference_cache)
   launch      run `asft train` under `accelerate launch` with a preset: ddp, fsdp, zero2, zero3 (or a config file)
   config-path print the path of a shipped preset (ddp fsdp zero2 zero3 ds_zero2_bf16 ds_zero3_bf16)
   quickstart  offline ASFT demo on the embedded SmolLM2-135M-Instruct (about 5 minutes on 2 CPU cores)
@@ -195,7 +196,12 @@ def train(argv: list[str]) -> int:
     model_path = resolve_model_path(script.model_name_or_path, config.trust_remote_code)
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
     train_ds = build_dataset(script.data_path, tokenizer, template=script.template,
-                             max_length=config.max_length, on_bad_rows=script.on_bad_rows)
+                             max_length=config.max_length, on_bad_rows=script.on_bad_rows,
+                             origin=bool(config.reference_cache))
+    if config.reference_cache:  # a cache built from other data or settings is refused before any model loads
+        from .cache import check_for_cli
+
+        check_for_cli(config.reference_cache, train_ds, tokenizer, script.template, config.max_length)
     eval_ds = None
     if script.eval_data_path:
         eval_ds = build_dataset(script.eval_data_path, tokenizer, template=script.template,
@@ -254,7 +260,9 @@ def describe_run(trainer) -> None:
         line += f" with kl_weight={a.kl_weight} x {kl} [{a.kl_direction}]"
     if a.mode == "iw_sft":
         line += f" with {a.iw_level}-level weights, iw_max={a.iw_max}"
-    if trainer.reference is not None:
+    if trainer.reference_cache is not None:
+        line += f"; reference: cache {a.reference_cache} (top-{trainer.reference_cache.top_k} + tail bucket)"
+    elif trainer.reference is not None:
         line += "; reference: " + ("adapter-disabled base" if trainer.is_peft else "frozen copy")
     line += f"; loss: {'fused' if trainer.fused else 'naive'}, normalised {a.loss_normalization}"
     print(line, flush=True)
@@ -295,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         from .data_cli import main as command_main
     elif command == "quickstart":
         from .quickstart import main as command_main
+    elif command == "cache-reference":
+        from .cache_cli import main as command_main
     elif command in commands:
         command_main = commands[command]
     else:

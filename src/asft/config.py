@@ -61,6 +61,14 @@ class AnchoredSFTConfig(SFTConfig):
                           "starting checkpoint). Ignored under LoRA, where the reference is the adapter-disabled "
                           "base."},
     )
+    reference_cache: str | None = field(
+        default=None,
+        metadata={"help": "Folder of a reference cache built by `asft cache-reference` on the same data, template, "
+                          "tokenizer and max length: the KL anchor (and iw_sft's weights) come from the reference's "
+                          "stored top-k log-probs, and no reference model is loaded (full fine-tuning and LoRA). "
+                          "The KL is then taken over the top-k tokens plus one tail bucket (a lower bound, exact "
+                          "when k = vocabulary)."},
+    )
     reference_dtype: str | None = field(
         default=None,
         metadata={"help": "dtype of the frozen reference copy (float32 | bfloat16 | float16); default: the "
@@ -104,6 +112,12 @@ class AnchoredSFTConfig(SFTConfig):
             raise ConfigError(f"fused_chunk_size: must be >= 1, got {self.fused_chunk_size}")
         if self.reference_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ConfigError(f"reference_dtype: unknown value {self.reference_dtype!r}")
+        if self.reference_cache and self.reference_model_path:
+            raise ConfigError("reference_model_path: with reference_cache the reference is the cache's (pass "
+                              "--reference_model_path to asft cache-reference instead)")
+        if self.reference_cache and (self.packing or self.padding_free):
+            raise ConfigError("reference_cache: packing and padding_free are not supported with a cached reference "
+                              "(the cache is indexed by example)")
         if self.mode in ("sft_kl", "asft") and self.kl_weight == 0:
             warnings.warn(f"kl_weight=0 makes mode {self.mode!r} equal to {'sft' if self.mode == 'sft_kl' else 'dft'}"
                           " while still paying for the reference forward", stacklevel=2)

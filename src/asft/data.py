@@ -466,10 +466,11 @@ def tokenize(example: Example, template: str, tokenizer, max_length: int | None 
 
 
 def build_dataset(paths, tokenizer, *, template: str = "auto", max_length: int | None = None,
-                  on_bad_rows: str = "error", log=print):
+                  on_bad_rows: str = "error", log=print, origin: bool = False):
     """Load, validate and tokenize training files into a `datasets.Dataset` of input_ids / labels.
 
-    An example whose prompt alone fills max_length (nothing left to train on) is a bad row.
+    An example whose prompt alone fills max_length (nothing left to train on) is a bad row. `origin` adds each
+    example's `source` file and `line` as columns (the reference cache names examples with them).
     """
     import datasets
 
@@ -487,7 +488,7 @@ def build_dataset(paths, tokenizer, *, template: str = "auto", max_length: int |
                 raise
             skipped.append(e)
             continue
-        rows.append(item)
+        rows.append({**item, "source": ex.source, "line": ex.line} if origin else item)
     if skipped:
         lines = ", ".join(f"{e.source}:{e.line}" for e in skipped[:20]) + (" ..." if len(skipped) > 20 else "")
         log(f"Skipped {len(skipped)} bad rows: {lines}")

@@ -13,6 +13,13 @@ of one token's loss with respect to its logits z is
     k * KL(pi || rho)        k * pi * (log pi - log rho - KL_t)       (reverse)
 
 then times the soft-cap's derivative 1 - (z/cap)^2 and the logit scale, and / N (`num_items_in_batch`).
+
+With a cached reference (`objectives.CachedRows`: top-k set K, log rho on K, log rho_T of the tail) the KL is the
+bucketed one of `objectives.bucketed_kl`, with pi_T = 1 - sum_K pi (a log-sum-exp over the complement), and
+
+    forward  dKL_b/dz_j = pi_j - rho_j                    for j in K
+                        = pi_j - rho_T * pi_j / pi_T      for j not in K   (the tail mass spread like pi)
+    reverse  dKL_b/dz_j = pi_j * (L_j - KL_b),  L_j = log pi_j - log rho_j (j in K), log pi_T - log rho_T (else)
 Softmax, log-sum-exp and KL math run in float32; matmuls run in the inputs' dtype (or autocast's).
 """
 
@@ -26,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .objectives import check_arguments, select_response, token_weights, uses_kl
+from .objectives import CachedRows, check_arguments, log_complement, select_response, token_weights, uses_kl
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,58 @@ def _chunk_grad(a, ar, y, w, lse, lser, kl, k: float, scale: float, cap, rscale:
     out.copy_(g * scale if scale != 1.0 else g)
 
 
+def _cached_stats(a, y, ids, rlogp, rtail, rlabel, scale: float, cap, direction: str):
+    """`_chunk_stats` against a cached reference: the bucketed KL (objectives.bucketed_kl) instead of the full one.
+
+    Also returns log pi_T (the policy's log tail mass), which the gradient needs.
+    """
+    z = _finish(a.float(), scale, cap)
+    lse = torch.logsumexp(z, -1)
+    logp_y = z.gather(1, y[:, None]).squeeze(1) - lse
+    pi = torch.exp(z - lse[:, None])
+    entropy = lse - (pi * z).sum(-1)
+    hit = (z.argmax(-1) == y).float()
+    logp_k = z.gather(1, ids) - lse[:, None]
+    has_tail = ids.shape[1] < z.shape[1]
+    logpi_t = log_complement(z, ids) - lse if has_tail else torch.full_like(lse, float("-inf"))
+    if direction == "forward":
+        kl = (rlogp.exp() * (rlogp - logp_k)).sum(-1)
+        if has_tail:
+            rho_t = rtail.exp()
+            kl = kl + torch.where(rho_t > 0, rho_t * (rtail - logpi_t), 0.0)
+    else:
+        kl = (logp_k.exp() * (logp_k - rlogp)).sum(-1)
+        if has_tail:
+            pi_t = logpi_t.exp()
+            kl = kl + torch.where(pi_t > 0, pi_t * (logpi_t - rtail), 0.0)
+    return torch.stack([logp_y, rlabel, entropy, hit, kl]), lse, logpi_t
+
+
+def _cached_grad(a, y, w, lse, logpi_t, kl, ids, rlogp, rtail, k: float, scale: float, cap, direction: str, out):
+    """`_chunk_grad` against a cached reference: the closed-form gradient of the bucketed KL (module docstring)."""
+    z = _finish(a.float(), scale, cap)
+    pi = torch.exp(z - lse[:, None])
+    has_tail = ids.shape[1] < z.shape[1]
+    pi_k = pi.gather(1, ids)
+    if direction == "forward":
+        # Every j: pi_j (w + k) - k rho_T pi_j / pi_T; then on K: + k rho_T pi_j / pi_T - k rho_j.
+        ratio = torch.where(rtail > float("-inf"), torch.exp(rtail - logpi_t), 0.0) if has_tail else \
+            torch.zeros_like(lse)
+        g = pi * (w + k - k * ratio)[:, None]
+        g = g.scatter_add(1, ids, k * (pi_k * ratio[:, None] - rlogp.exp()))
+    else:
+        # Every j: pi_j (w + k (L_T - KL)); then on K: + k pi_j (L_j - L_T). L_T is 0 when there is no tail.
+        l_t = logpi_t - rtail if has_tail else torch.zeros_like(lse)
+        g = pi * (w + k * (l_t - kl))[:, None]
+        l_k = z.gather(1, ids) - lse[:, None] - rlogp
+        g = g.scatter_add(1, ids, k * pi_k * (l_k - l_t[:, None]))
+    is_label = torch.arange(z.shape[1], device=z.device)[None, :] == y[:, None]
+    g = g - torch.where(is_label, w[:, None], 0.0)
+    if cap is not None:
+        g = g * (1 - (z / cap) ** 2)
+    out.copy_(g * scale if scale != 1.0 else g)
+
+
 # Compile only chunks this big (elements of [c, V]): the fused kernels are ~6x faster than eager on CPU there, while
 # small chunks (tiny test models, a last chunk of a few tokens) would pay compilation and per-call overhead for nothing.
 COMPILE_MIN_ELEMENTS = 1 << 22
@@ -140,14 +199,16 @@ COMPILE_MIN_ELEMENTS = 1 << 22
 class _Kernels:
     """The chunk functions, through torch.compile where it works (ASFT_COMPILE=0 turns it off), else eager."""
 
+    FUNCTIONS = (_chunk_stats, _chunk_grad, _cached_stats, _cached_grad)
+
     def __init__(self):
         self.compiled = None  # None: not tried yet; False: eager for good
 
     def call(self, i: int, a: Tensor, *args):
-        eager = (_chunk_stats, _chunk_grad)[i]
+        eager = self.FUNCTIONS[i]
         if self.compiled is None:
             self.compiled = os.environ.get("ASFT_COMPILE", "1") != "0" and tuple(
-                torch.compile(f, dynamic=None) for f in (_chunk_stats, _chunk_grad))
+                torch.compile(f, dynamic=None) for f in self.FUNCTIONS)
         if not self.compiled or a.numel() < COMPILE_MIN_ELEMENTS:
             return eager(a, *args)
         try:
@@ -197,7 +258,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def _run(mode, h, w_head, b_head, rh, rw_head, rb_head, y, rows, opt):
+def _run(mode, h, w_head, b_head, rh, rw_head, rb_head, y, rows, opt, cached=None):
     """Loss sum, per-token stats [6, n] (the _chunk_stats rows + weight) and the gradients (None where not needed)."""
     n, k, direction = y.numel(), opt["kl_weight"], opt["kl_direction"]
     scale, cap, rscale, rcap = opt["scale"], opt["cap"], opt["rscale"], opt["rcap"]
@@ -241,27 +302,42 @@ def _run(mode, h, w_head, b_head, rh, rw_head, rb_head, y, rows, opt):
         return token_weights(mode, stats[0, s:e], stats[1, s:e], rows[s:e],
                              iw_max=opt["iw_max"], iw_level=opt["iw_level"])
 
+    def chunk_stats(s, e, a, ar):
+        if cached is not None:  # lses[1] holds log pi_T here, what the cached gradient needs
+            c = cached[s:e]
+            stats[:5, s:e], lses[0, s:e], lses[1, s:e] = KERNELS.call(
+                2, a, y[s:e], c.ids, c.logp, c.tail, c.label, scale, cap, direction)
+        else:
+            stats[:5, s:e], lses[0, s:e], lses[1, s:e] = KERNELS.call(
+                0, a, ar, y[s:e], scale, cap, rscale, rcap, direction)
+
+    def chunk_grad(s, e, a, ar, g):
+        if cached is not None and kl_in_grad:
+            c = cached[s:e]
+            KERNELS.call(3, a, y[s:e], stats[5, s:e], lses[0, s:e], lses[1, s:e], stats[4, s:e], c.ids, c.logp,
+                         c.tail, k, scale, cap, direction, g)
+        else:
+            KERNELS.call(1, a, ar if kl_in_grad else None, y[s:e], stats[5, s:e], lses[0, s:e], lses[1, s:e],
+                         stats[4, s:e], k, scale, cap, rscale, rcap, direction, g)
+
     by_seq = mode == "iw_sft" and opt["iw_level"] == "sequence"
     for group in _groups(rows, n, opt["chunk_size"], by_seq):
         two_pass = len(group) > 1
         if two_pass:  # iw-SFT, a sequence longer than a chunk: its weight first
             for s, e in group:
-                stats[:5, s:e], lses[0, s:e], lses[1, s:e] = KERNELS.call(
-                    0, logits(s, e), logits(s, e, True), y[s:e], scale, cap, rscale, rcap, direction)
+                chunk_stats(s, e, logits(s, e), logits(s, e, True) if rh is not None else None)
             gs, ge = group[0][0], group[-1][1]
             stats[5, gs:ge] = weights(gs, ge)
         for s, e in group:
             a = logits(s, e)
             ar = logits(s, e, True) if rh is not None and (kl_in_grad or not two_pass) else None
             if not two_pass:
-                stats[:5, s:e], lses[0, s:e], lses[1, s:e] = KERNELS.call(
-                    0, a, ar, y[s:e], scale, cap, rscale, rcap, direction)
+                chunk_stats(s, e, a, ar)
                 stats[5, s:e] = weights(s, e)
             if not (need_h or need_w or need_b):
                 continue
             g = gbuf[: e - s]
-            KERNELS.call(1, a, ar if kl_in_grad else None, y[s:e], stats[5, s:e], lses[0, s:e], lses[1, s:e],
-                         stats[4, s:e], k, scale, cap, rscale, rcap, direction, g)
+            chunk_grad(s, e, a, ar, g)
             if need_h:
                 gh[s:e] = (g.to(dtype) @ W).mul_(inv_n)
             if need_w:  # float32 from the float32 logit gradient: exact accumulation in any input dtype
@@ -278,8 +354,8 @@ def _run(mode, h, w_head, b_head, rh, rw_head, rb_head, y, rows, opt):
 
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, ref_h, ref_weight, ref_bias, y, rows, mode, opt):
-        loss, stats, gh, gw, gb = _run(mode, h, weight, bias, ref_h, ref_weight, ref_bias, y, rows, opt)
+    def forward(ctx, h, weight, bias, ref_h, ref_weight, ref_bias, y, rows, mode, opt, cached):
+        loss, stats, gh, gw, gb = _run(mode, h, weight, bias, ref_h, ref_weight, ref_bias, y, rows, opt, cached)
         ctx.save_for_backward(gh, gw, gb)
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -290,7 +366,7 @@ class _FusedLoss(torch.autograd.Function):
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             # In place, as Liger does: a second [V, H] buffer would cost as much as the weight gradient itself.
             gh, gw, gb = (None if x is None else x.mul_(grad_loss.to(x.dtype)) for x in (gh, gw, gb))
-        return gh, gw, gb, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None
 
 
 def fused_loss_selected(
@@ -308,10 +384,18 @@ def fused_loss_selected(
     iw_level: str = "sequence",
     num_items_in_batch: int | Tensor | None = None,
     chunk_size: int = 1024,
+    ref_cache: CachedRows | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The loss of `mode` on already-selected response rows: hidden [n, H] predicting targets [n], rows [n] the
-    batch row of each (iw-SFT's sequences). `ref_head` defaults to `head` (LoRA: the same weight, adapters off)."""
-    mode = check_arguments(mode, ref_hidden is not None, kl_weight, kl_direction, iw_max)
+    batch row of each (iw-SFT's sequences). `ref_head` defaults to `head` (LoRA: the same weight, adapters off).
+    `ref_cache` (instead of ref_hidden): a cached reference for these n tokens; the KL is then the bucketed one."""
+    if ref_hidden is not None and ref_cache is not None:
+        raise ValueError("give ref_hidden or ref_cache, not both")
+    mode = check_arguments(mode, ref_hidden is not None or ref_cache is not None, kl_weight, kl_direction, iw_max)
+    if ref_cache is not None:
+        if len(ref_cache) != targets.numel():
+            raise ValueError(f"ref_cache holds {len(ref_cache)} tokens, the batch {targets.numel()} response tokens")
+        ref_cache = ref_cache.to(hidden.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
     ref_head = ref_head or head
@@ -324,7 +408,7 @@ def fused_loss_selected(
     if ref_hidden is not None:  # the reference never receives gradients
         ref_args = (ref_hidden.detach(), ref_head.weight.detach(),
                     None if ref_head.bias is None else ref_head.bias.detach())
-    loss, stats = _FusedLoss.apply(hidden, head.weight, head.bias, *ref_args, targets, rows, mode, opt)
+    loss, stats = _FusedLoss.apply(hidden, head.weight, head.bias, *ref_args, targets, rows, mode, opt, ref_cache)
     if n == 0:
         return loss, {"num_tokens": 0.0}
     logp_y, _, entropy, hit, kl, weight = stats
@@ -336,7 +420,7 @@ def fused_loss_selected(
         "entropy": entropy.mean(),
         "token_accuracy": hit.mean(),
     }
-    if ref_hidden is not None:
+    if ref_hidden is not None or ref_cache is not None:
         metrics["kl"] = kl.mean()
     metrics = {key: float(v) for key, v in metrics.items()}
     metrics["num_tokens"] = float(n)
@@ -358,6 +442,7 @@ def fused_token_loss(
     num_items_in_batch: int | Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int = 1024,
+    ref_cache: CachedRows | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """`objectives.token_loss` from last hidden states [B, T, H] and unshifted labels [B, T]: same loss, same
     metrics, same reduction; no [tokens x vocab] tensor. Masked positions never reach the lm_head."""
@@ -365,4 +450,4 @@ def fused_token_loss(
     ref_h = None if ref_hidden is None else select_response(ref_hidden, labels, ignore_index)[0]
     return fused_loss_selected(mode, h, y, rows, head, ref_h, ref_head, kl_weight=kl_weight,
                                kl_direction=kl_direction, iw_max=iw_max, iw_level=iw_level,
-                               num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
+                               num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, ref_cache=ref_cache)

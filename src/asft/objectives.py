@@ -15,9 +15,14 @@ response tokens in the whole optimizer step (``num_items_in_batch``), so that th
 a batch is split into micro-batches or ranks.
 
 ``asft.fused`` computes the same quantities chunk by chunk from hidden states; it reuses the helpers below.
+
+A cached reference (``CachedRows``, built by ``asft cache-reference``) holds only the reference's top-k
+log-probabilities per response token; the KL is then taken over k + 1 buckets (see ``bucketed_kl``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +70,74 @@ def kl_from_logprobs(logp: Tensor, logrho: Tensor, direction: str = "forward") -
         return (logrho.exp() * (logrho - logp)).sum(-1)
     if direction == "reverse":  # KL(pi || rho)
         return (logp.exp() * (logp - logrho)).sum(-1)
+    raise ValueError(f"kl_direction: unknown value {direction!r}; expected 'forward' or 'reverse'")
+
+
+@dataclass
+class CachedRows:
+    """The cached reference of n response tokens, in the order `select_response` keeps them.
+
+    ids [n, k] (the reference's top-k token ids), logp [n, k] (their log-probabilities), tail [n] (log rho_T, the
+    log of the probability mass outside the top-k; -inf when k = V) and label [n] (log rho(y_t), exact).
+    """
+
+    ids: Tensor
+    logp: Tensor
+    tail: Tensor
+    label: Tensor
+
+    def __len__(self) -> int:
+        return self.label.shape[0]
+
+    def __getitem__(self, index) -> "CachedRows":
+        return CachedRows(self.ids[index], self.logp[index], self.tail[index], self.label[index])
+
+    def to(self, device) -> "CachedRows":
+        return CachedRows(self.ids.to(device).long(), self.logp.to(device).float(), self.tail.to(device).float(),
+                          self.label.to(device).float())
+
+
+def log_complement(z: Tensor, ids: Tensor) -> Tensor:
+    """log sum_{v not in ids} exp(z_v) per row: a log-sum-exp over the complement of the top-k set.
+
+    Never log(1 - sum_K p): when the top-k holds almost all the mass that difference cancels to noise (or below
+    zero). -inf when the complement is empty (k = V).
+    """
+    return z.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
+def _xlogy_diff(p: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """p * (a - b) with 0 log 0 = 0: zero wherever p == 0 (also when a or b is -inf there)."""
+    return torch.where(p > 0, p * (a - b), torch.zeros_like(p))
+
+
+def bucketed_kl(logp: Tensor, cached: CachedRows, direction: str = "forward") -> Tensor:
+    """The KL over the k + 1 buckets of a cached reference, from the policy's full float32 log-probs [n, V].
+
+    With K the cached top-k set, rho_v the reference's probabilities on K, rho_T = 1 - sum_K rho_v its tail mass,
+    pi the policy's softmax and pi_T = 1 - sum_K pi_v:
+
+        forward  KL_b = sum_K rho_v (log rho_v - log pi_v) + rho_T (log rho_T - log pi_T)
+        reverse  KL_b = sum_K pi_v (log pi_v - log rho_v) + pi_T (log pi_T - log rho_T)
+
+    Merging outcomes never increases a KL, so KL_b <= KL, with equality when k = V (rho_T = 0; 0 log 0 = 0). log pi_T
+    is a log-sum-exp over the complement (`log_complement`). Differentiated by autograd here (the naive path);
+    `asft.fused` forms the same gradient in closed form.
+    """
+    logp_k = logp.gather(-1, cached.ids)
+    logrho_k, logrho_t = cached.logp, cached.tail
+    k, vocab = cached.ids.shape[-1], logp.shape[-1]
+    if direction == "forward":
+        kl = (logrho_k.exp() * (logrho_k - logp_k)).sum(-1)
+        if k < vocab:  # the tail bucket (empty when k = V)
+            kl = kl + _xlogy_diff(logrho_t.exp(), logrho_t, log_complement(logp, cached.ids))
+        return kl
+    if direction == "reverse":
+        kl = (logp_k.exp() * (logp_k - logrho_k)).sum(-1)
+        if k < vocab:
+            logpi_t = log_complement(logp, cached.ids)
+            kl = kl + _xlogy_diff(logpi_t.exp(), logpi_t, logrho_t)
+        return kl
     raise ValueError(f"kl_direction: unknown value {direction!r}; expected 'forward' or 'reverse'")
 
 
@@ -128,16 +201,24 @@ def token_loss(
     iw_level: str = "sequence",
     num_items_in_batch: int | Tensor | None = None,
     ignore_index: int = -100,
+    ref_cache: CachedRows | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Loss of ``mode`` from full logits ``[B, T, V]`` and unshifted labels ``[B, T]`` (the naive path).
+
+    The reference is either ``ref_logits`` (full logits, exact KL) or ``ref_cache`` (a cached reference for this
+    call's response tokens: the bucketed KL of `bucketed_kl`, and iw-SFT's exact stored log rho(y_t)).
 
     Returns the scalar loss (sum of per-token losses / ``num_items_in_batch``, or / the response tokens in this
     call when it is None) and the logged terms, each a mean over this call's response tokens:
     ``nll`` (plain cross-entropy), ``weighted_nll`` (the weighted term), ``kl`` (when a reference is given),
     ``mean_prob`` (mean pi(y_t)), ``mean_weight``, ``entropy``, ``token_accuracy``, and ``num_tokens``.
     """
-    mode = check_arguments(mode, ref_logits is not None, kl_weight, kl_direction, iw_max)
+    if ref_logits is not None and ref_cache is not None:
+        raise ValueError("give ref_logits or ref_cache, not both")
+    mode = check_arguments(mode, ref_logits is not None or ref_cache is not None, kl_weight, kl_direction, iw_max)
     z, y, rows = select_response(logits, labels, ignore_index)
+    if ref_cache is not None and len(ref_cache) != y.numel():
+        raise ValueError(f"ref_cache holds {len(ref_cache)} tokens, the batch {y.numel()} response tokens")
     n = y.numel()
     if n == 0:
         # Keep the graph connected so that backward() works on a micro-batch without response tokens.
@@ -152,10 +233,17 @@ def token_loss(
         ref_z, _, _ = select_response(ref_logits, labels, ignore_index)
         logrho = F.log_softmax(ref_z.detach().float(), dim=-1)
         logrho_y = logrho.gather(-1, y[:, None]).squeeze(-1)
+    elif ref_cache is not None:
+        ref_cache = ref_cache.to(z.device)
+        logrho_y = ref_cache.label
 
     weight = token_weights(mode, logp_y, logrho_y, rows, iw_max=iw_max, iw_level=iw_level)
     per_token = weight * ce
-    kl = kl_from_logprobs(logp, logrho, kl_direction) if logrho is not None else None
+    kl = None
+    if logrho is not None:
+        kl = kl_from_logprobs(logp, logrho, kl_direction)
+    elif ref_cache is not None:
+        kl = bucketed_kl(logp, ref_cache, kl_direction)
     if uses_kl(mode):
         per_token = per_token + kl_weight * kl
 

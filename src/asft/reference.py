@@ -3,8 +3,11 @@
 - LoRA (any adapter): the policy itself with its adapters disabled; no extra weights in memory.
 - Full fine-tuning: a frozen copy loaded from the same checkpoint, in eval mode, without gradients, prepared
   like the policy (`prepare_reference`: sharded under ZeRO-3 / FSDP, replicated otherwise).
+- Cached (`asft cache-reference`): the reference's top-k log-probs per response token, read from disk; no model.
 
-Each source gives either full logits (the naive loss) or last hidden states plus its lm_head (the fused loss).
+Each source's `loss_kwargs(inputs, fused)` gives what the loss functions take as the reference: full logits
+(`ref_logits`, the naive loss), last hidden states plus the lm_head (`ref_hidden`, `ref_head`, the fused loss), or
+the cached rows of the batch's response tokens (`ref_cache`, either loss).
 Hidden states always come through the model's own top-level forward, where DeepSpeed's and FSDP's hooks gather
 the sharded weights; the lm_head, which the fused loss reads directly, is gathered by `full_heads`.
 """
@@ -25,7 +28,8 @@ def _backbone(causal_lm):
 
 def forward_kwargs(inputs: dict) -> dict:
     """A batch as keyword arguments of a plain forward: no labels, loss counts, cache flag or None values."""
-    return {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "use_cache") and v is not None}
+    return {k: v for k, v in inputs.items()
+            if k not in ("labels", "num_items_in_batch", "use_cache", "asft_example") and v is not None}
 
 
 def _last_hidden(model, causal_lm, inputs: dict) -> torch.Tensor:
@@ -63,6 +67,10 @@ class AdapterDisabledReference:
 
         return lm_head_of(self.peft_model)
 
+    def loss_kwargs(self, inputs: dict, fused: bool) -> dict:
+        return {"ref_hidden": self.hidden(inputs), "ref_head": self.head()} if fused else \
+            {"ref_logits": self.logits(inputs)}
+
 
 class FrozenModelReference:
     """A separate frozen model (already prepared for the accelerator by the trainer)."""
@@ -86,6 +94,34 @@ class FrozenModelReference:
         from .fused import lm_head_of
 
         return lm_head_of(self._causal_lm())
+
+    loss_kwargs = AdapterDisabledReference.loss_kwargs
+
+
+class CachedReference:
+    """A reference cache (`asft.cache.ReferenceCache`): each batch carries its examples' stable indices in the
+    `asft_example` column, which the trainer keeps through shuffling, accumulation, ranks, resume and epochs."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def rows(self, inputs: dict, labels: torch.Tensor):
+        """The CachedRows of the batch's response tokens, in `select_response` order (row by row)."""
+        from .cache import EXAMPLE_COLUMN
+
+        if EXAMPLE_COLUMN not in inputs:
+            raise RuntimeError(f"the batch has no {EXAMPLE_COLUMN!r} column: a cached reference needs the trainer's "
+                               "example index (was the dataset prepared by AnchoredSFTTrainer?)")
+        examples = inputs[EXAMPLE_COLUMN].reshape(-1).tolist()
+        counts = (labels[:, 1:] != -100).sum(1).tolist()
+        for e, n in zip(examples, counts):
+            if self.cache.tokens[e] != n:
+                raise RuntimeError(f"example {e} ({self.cache.origins[e]}) has {n} response tokens in this batch, "
+                                   f"the cache {self.cache.tokens[e]}: the data changed after the cache was checked")
+        return self.cache.rows(examples).to(labels.device)
+
+    def loss_kwargs(self, inputs: dict, fused: bool) -> dict:
+        return {"ref_cache": self.rows(inputs, inputs["labels"])}
 
 
 def prepare_reference(model, accelerator):

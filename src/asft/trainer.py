@@ -21,7 +21,7 @@ from trl import SFTTrainer
 from .config import AnchoredSFTConfig
 from .fused import fused_token_loss, lm_head_of
 from .objectives import token_loss
-from .reference import (AdapterDisabledReference, FrozenModelReference, forward_kwargs, full_heads,
+from .reference import (AdapterDisabledReference, CachedReference, FrozenModelReference, forward_kwargs, full_heads,
                         load_frozen_copy, prepare_reference)
 
 
@@ -116,7 +116,7 @@ def _add_fused_forward(causal_lm: nn.Module) -> None:
     causal_lm._asft_fused_forward = True
 
 
-def fused_loss_fn(mode: str, labels, ref_hidden=None, ref_head=None, **loss_kwargs):
+def fused_loss_fn(mode: str, labels, ref_hidden=None, ref_head=None, ref_cache=None, **loss_kwargs):
     """The `asft_loss_fn` of a fused forward: `fused_token_loss` from the policy's last hidden states.
 
     It runs inside the policy's forward, where ZeRO-3 / FSDP let the lm_heads be gathered (`full_heads`) and the
@@ -125,7 +125,8 @@ def fused_loss_fn(mode: str, labels, ref_hidden=None, ref_head=None, **loss_kwar
 
     def loss_fn(hidden, causal_lm):
         with full_heads(lm_head_of(causal_lm), ref_head) as (head, full_ref_head):
-            return fused_token_loss(mode, hidden, labels, head, ref_hidden, full_ref_head, **loss_kwargs)
+            return fused_token_loss(mode, hidden, labels, head, ref_hidden, full_ref_head, ref_cache=ref_cache,
+                                    **loss_kwargs)
 
     return loss_fn
 
@@ -144,7 +145,17 @@ class AnchoredSFTTrainer(SFTTrainer):
             args = AnchoredSFTConfig(output_dir="asft-output")
         if not isinstance(args, AnchoredSFTConfig):
             raise TypeError("args must be an AnchoredSFTConfig")
+        self.reference_cache = None
+        if args.reference_cache:  # checked against the data before anything is prepared or computed
+            from .cache import open_for_training
+
+            self.reference_cache, kwargs = open_for_training(args, ref_model, kwargs)
         super().__init__(model, args=args, **kwargs)
+        if self.reference_cache is not None:
+            from .cache import ExampleIndexCollator, check_prepared
+
+            check_prepared(self.reference_cache, self.train_dataset)
+            self.data_collator = ExampleIndexCollator(self.data_collator)
         self.add_callback(MetricsFileCallback())
         self.stopper = GracefulStopCallback()
         self.add_callback(self.stopper)
@@ -175,6 +186,8 @@ class AnchoredSFTTrainer(SFTTrainer):
     def _build_reference(self, unwrapped, ref_model):
         from .models import DTYPES
 
+        if self.reference_cache is not None:  # no reference model at all, full fine-tuning and LoRA alike
+            return CachedReference(self.reference_cache)
         if self.is_peft and ref_model is None:
             return AdapterDisabledReference(unwrapped)
         dtype = DTYPES[self.args.reference_dtype] if self.args.reference_dtype else None
@@ -186,6 +199,11 @@ class AnchoredSFTTrainer(SFTTrainer):
         # Frozen (eval, no grad); sharded under ZeRO-3 / FSDP like the policy, a replica under DDP / ZeRO-0-2.
         self.ref_model = ref_model = prepare_reference(ref_model, self.accelerator)
         return FrozenModelReference(ref_model)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.reference_cache is not None and "asft_example" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "asft_example"]  # kept by remove_unused_columns
 
     def _warn_low_precision_weights(self):
         dtypes = {p.dtype for p in self.model.parameters() if p.requires_grad}
@@ -207,25 +225,20 @@ class AnchoredSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         split = "train" if self.model.training else "eval"
         labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "asft_example")}
         model_inputs["use_cache"] = False
         mode, kwargs = self.args.mode, self._loss_kwargs(num_items_in_batch)
 
+        ref = {}
+        if self.reference is not None:
+            with self.accelerator.autocast():  # same precision as the policy's (wrapped) forward
+                ref = self.reference.loss_kwargs({**model_inputs, **inputs}, self.fused)
         if self.fused:
-            ref_hidden = ref_head = None
-            if self.reference is not None:
-                with self.accelerator.autocast():  # same precision as the policy's (wrapped) forward
-                    ref_hidden = self.reference.hidden(model_inputs)
-                ref_head = self.reference.head()
-            loss_fn = fused_loss_fn(mode, labels, ref_hidden, ref_head, chunk_size=self.args.fused_chunk_size, **kwargs)
+            loss_fn = fused_loss_fn(mode, labels, **ref, chunk_size=self.args.fused_chunk_size, **kwargs)
             loss, terms = model(**model_inputs, asft_loss_fn=loss_fn)
         else:
-            ref_logits = None
-            if self.reference is not None:
-                with self.accelerator.autocast():
-                    ref_logits = self.reference.logits(model_inputs)
             logits = model(**model_inputs).logits
-            loss, terms = token_loss(mode, logits, labels, ref_logits, **kwargs)
+            loss, terms = token_loss(mode, logits, labels, **ref, **kwargs)
 
         if not math.isfinite(loss.item()):
             self._raise_diverged(loss, terms)
