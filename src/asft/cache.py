@@ -335,6 +335,8 @@ def finish_cache(output_dir: str | Path, plan: dict) -> dict:
             raise RuntimeError(f"{folder} is missing: the build is not finished (run the same command again)")
         shards.append({"name": folder.name, "first": s, "count": e - s, "tokens": sum(plan["examples"]["tokens"][s:e]),
                        "bytes": sum(f.stat().st_size for f in sorted(folder.iterdir()))})
+    for stale in out.glob(".shard-*.tmp-*"):  # left by an interrupted build; every process is done by now
+        shutil.rmtree(stale, ignore_errors=True)
     manifest = {**plan, "shards": shards}
     _write_json(out / "manifest.json", manifest)
     return manifest
@@ -442,10 +444,11 @@ class ReferenceCache:
     def stats(self) -> dict:
         """Size, bytes per token and the mean tail mass (how much of the reference's probability top-k leaves out)."""
         size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
-        data = sum(s["bytes"] for s in self.manifest["shards"])
-        tail_sum, n = 0.0, 0
+        tail_sum, n, data = 0.0, 0, 0
         for i in range(len(self.manifest["shards"])):
-            t = np.asarray(self._shard(i)["tail"], dtype=np.float64)
+            shard = self._shard(i)
+            data += sum(shard[name].nbytes for name in ("ids", "logp", "tail", "label"))  # per token, no headers
+            t = np.asarray(shard["tail"], dtype=np.float64)
             tail_sum += float(np.exp(t).sum())
             n += t.size
         return {"bytes": size, "bytes_per_token": data / max(n, 1), "mean_tail_mass": tail_sum / max(n, 1),
