@@ -12,10 +12,14 @@ the timed pairs of (its step time / the sft step next to it); its step time is t
 
 Memory. Peak resident memory (ru_maxrss) of a separate process per (mode, full|LoRA) that runs a few steps alone.
 
-    python benchmarks/overhead.py [--steps 5] [--warmup 2] [--modes sft,dft,sft_kl,asft,iw_sft]
-           [--loss_implementation fused|naive]
+`cached` is asft with `--reference_cache`: the reference's top-k log-probs built once over the same data
+(`asft cache-reference`, k = --top_k, float16) before any timing; no reference model is loaded.
 
-Printed, never asserted. Last line: `full_ratio=<asft/sft step time, full> lora_ratio=<asft/sft step time, LoRA>`.
+    python benchmarks/overhead.py [--steps 5] [--warmup 2] [--modes sft,dft,sft_kl,asft,iw_sft,cached]
+           [--loss_implementation fused|naive] [--top_k 64]
+
+Printed, never asserted. Last line: `full_ratio=<asft/sft step time, full> lora_ratio=<asft/sft step time, LoRA>
+cached_full_ratio=<asft with the cache / sft, full> cached_lora_ratio=<same, LoRA>`.
 """
 
 from __future__ import annotations
@@ -46,7 +50,17 @@ def make_data(path: str, n: int = 64, seed: int = 0) -> None:
             f.write(json.dumps({"instruction": prompt, "response": response}) + "\n")
 
 
-def make_trainer(mode: str, lora: bool, data: str, steps: int, impl: str, out: str):
+def build_cache(data: str, out: str, top_k: int) -> None:
+    from asft.cli import main
+
+    argv = ["cache-reference", "--model_name_or_path", "embedded:smollm2-135m-instruct", "--data_path", data,
+            "--template", "alpaca", "--model_max_length", "256", "--top_k", str(top_k), "--output_dir", out,
+            "--disable_tqdm"]
+    if main(argv) != 0:
+        sys.exit("building the reference cache failed")
+
+
+def make_trainer(mode: str, lora: bool, data: str, steps: int, impl: str, out: str, cache: str | None = None):
     import torch
 
     from asft import AnchoredSFTConfig, AnchoredSFTTrainer
@@ -57,16 +71,17 @@ def make_trainer(mode: str, lora: bool, data: str, steps: int, impl: str, out: s
     path = resolve_model_path("embedded:smollm2-135m-instruct")
     tokenizer = load_tokenizer(path)
     dataset = build_dataset(data, tokenizer, template="alpaca", max_length=256, log=lambda *_: None)
+    cached = mode == "cached"  # asft against the reference cache
     args = AnchoredSFTConfig(
-        output_dir=out, mode=mode, per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-5,
-        report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000, use_cpu=True,
-        loss_implementation=impl, seed=0)
+        output_dir=out, mode="asft" if cached else mode, per_device_train_batch_size=4, max_steps=steps,
+        learning_rate=1e-5, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000,
+        use_cpu=True, loss_implementation=impl, seed=0, max_length=256, reference_cache=cache if cached else None)
     trainer = AnchoredSFTTrainer(load_model(path).train(), args=args, train_dataset=dataset,
                                  processing_class=tokenizer, peft_config=lora_config(8, 16, 0.0) if lora else None)
     return trainer, sum(len(x) for x in dataset[:4]["input_ids"])
 
 
-def timed_pair(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: str) -> dict:
+def timed_pair(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: str, cache: str | None) -> dict:
     """Optimizer steps of an sft trainer and a `mode` trainer, strictly alternating; the times of each."""
     from transformers import TrainerCallback
 
@@ -97,7 +112,7 @@ def timed_pair(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: 
                 turn.notify_all()
 
     with tempfile.TemporaryDirectory() as out:
-        trainers = [make_trainer(m, lora, data, n, impl, os.path.join(out, str(i)))[0]
+        trainers = [make_trainer(m, lora, data, n, impl, os.path.join(out, str(i)), cache)[0]
                     for i, m in enumerate(("sft", mode))]
         for i, trainer in enumerate(trainers):
             trainer.add_callback(Alternate(i))
@@ -122,9 +137,9 @@ def timed_pair(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: 
     return {"sft_s": base, "mode_s": other, "ratios": [b / a for a, b in zip(base, other)]}
 
 
-def peak_memory(mode: str, lora: bool, data: str, steps: int, impl: str) -> dict:
+def peak_memory(mode: str, lora: bool, data: str, steps: int, impl: str, cache: str | None) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        trainer, tokens = make_trainer(mode, lora, data, steps, impl, out)
+        trainer, tokens = make_trainer(mode, lora, data, steps, impl, out, cache)
         trainer.train()
     return {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "tokens": tokens}
 
@@ -142,17 +157,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps of each trainer in a pair")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed first steps (allocation; compilation, again at the second batch shape)")
-    p.add_argument("--modes", default="sft,dft,sft_kl,asft,iw_sft")
+    p.add_argument("--modes", default="sft,dft,sft_kl,asft,iw_sft,cached")
+    p.add_argument("--top_k", type=int, default=64, help="k of the reference cache (mode cached)")
     p.add_argument("--loss_implementation", default="fused", choices=["fused", "naive"])
     p.add_argument("--worker", nargs=3, metavar=("KIND", "MODE", "LORA"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         kind, mode, lora = args.worker[0], args.worker[1], args.worker[2] == "1"
         if kind == "time":
-            result = timed_pair(mode, lora, args.data, args.steps, args.warmup, args.loss_implementation)
+            result = timed_pair(mode, lora, args.data, args.steps, args.warmup, args.loss_implementation, args.cache)
         else:
-            result = peak_memory(mode, lora, args.data, 2, args.loss_implementation)
+            result = peak_memory(mode, lora, args.data, 2, args.loss_implementation, args.cache)
         print("RESULT " + json.dumps(result))
         return
 
@@ -166,10 +183,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data.jsonl")
         make_data(data)
+        cache = os.path.join(tmp, "cache")
+        if "cached" in modes:
+            start = time.perf_counter()
+            build_cache(data, cache, args.top_k)
+            print(f"  reference cache (top-{args.top_k}, float16) built in {time.perf_counter() - start:.1f} s "
+                  "(once, before timing; not part of any step)", flush=True)
         for lora in (False, True):
             kind = "lora" if lora else "full"
             for mode in modes:
-                worker = ["--data", data] + common
+                worker = ["--data", data, "--cache", cache] + common
                 memory[mode, lora] = subprocess_result(["--worker", "memory", mode, str(int(lora))] + worker,
                                                        f"memory {mode} {kind}")
                 print(f"  {mode:7s} {kind}: peak {memory[mode, lora]['peak_gb']:.2f} GB", flush=True)
@@ -203,8 +226,15 @@ def main() -> None:
     spread = {lora: sorted(timing["asft", lora]["ratios"]) for lora in (False, True) if ("asft", lora) in timing}
     for lora, r in spread.items():
         print(f"asft/sft pair ratios, {'LoRA' if lora else 'full'}: {', '.join(f'{x:.2f}' for x in r)}")
+    last = []
     if "asft" in modes:
-        print(f"full_ratio={ratio['asft', False]:.2f} lora_ratio={ratio['asft', True]:.2f}")
+        last.append(f"full_ratio={ratio['asft', False]:.2f} lora_ratio={ratio['asft', True]:.2f}")
+    if "cached" in modes:
+        peaks = [memory["cached", lora]["peak_gb"] / memory["sft", lora]["peak_gb"] for lora in (False, True)]
+        print(f"cached reference peak memory x sft: full {peaks[0]:.3f}, LoRA {peaks[1]:.3f}")
+        last.append(f"cached_full_ratio={ratio['cached', False]:.2f} cached_lora_ratio={ratio['cached', True]:.2f}")
+    if last:
+        print(" ".join(last))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ MODES = {  # DFT's weight pi(y) ~ 1/V on a random model makes asft's step ~V tim
     "sft": ["--mode", "sft", "--learning_rate", "0.5"],
     "asft": ["--mode", "asft", "--learning_rate", "20"],
     "lora": ["--mode", "asft", "--learning_rate", "20", "--use_lora", "--lora_dropout", "0"],
+    # The cached reference with k = V (float32): no reference model; must train exactly as asft does.
+    "cached": ["--mode", "asft", "--learning_rate", "20", "--reference_cache", "CACHE"],
 }
 
 WORKER = r'''
@@ -66,7 +68,8 @@ AnchoredSFTTrainer.train = record_reference
 launcher_args = sys.argv[1:-1]  # the deepspeed launcher's --local_rank=N comes first
 for argv in json.loads(sys.argv[-1]):
     torch.manual_seed(0)  # LoRA's A matrices: the same initialisation in every run
-    assert main([*launcher_args, "train", *argv]) == 0  # exactly how `python -m asft.cli` receives them
+    command = argv if argv[0] == "cache-reference" else ["train", *argv]
+    assert main([*launcher_args, *command]) == 0  # exactly how `python -m asft.cli` receives them
 if os.environ.get("ASFT_TEST_FSDP_CHECK"):  # reuses these two processes (and their gloo group): no new launch
     import traceback
     try:
@@ -155,7 +158,13 @@ def _train_argv(model_dir, data, out, batch):
               "--max_grad_norm", "0", "--lr_scheduler_type", "constant", "--kl_weight", "0.5", "--save_strategy",
               "no", "--logging_steps", "1", "--use_cpu", "true", "--fused_chunk_size", "7", "--seed", "0",
               "--disable_tqdm", "true"]
-    return {mode: common + extra + ["--output_dir", str(out / mode)] for mode, extra in MODES.items()}
+    return {mode: common + [str(out.parent / "cache") if a == "CACHE" else a for a in extra] +
+            ["--output_dir", str(out / mode)] for mode, extra in MODES.items()}
+
+
+def _cache_argv(model_dir, data, out):
+    return ["cache-reference", "--model_name_or_path", str(model_dir), "--data_path", str(data), "--top_k", "100000",
+            "--dtype", "float32", "--shard_size", "5", "--batch_size", "3", "--disable_tqdm", "--output_dir", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +183,17 @@ def runs(tmp_path_factory, tiny_model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ASFT_COMPILE": "0", "TOKENIZERS_PARALLELISM": "false",
            "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
 
+    from asft.cli import main
+
+    # The cache the "cached" runs read, built here by one process; the DDP launch builds it again, two processes
+    # sharing the shards, into cache-ddp (compared byte for byte).
+    assert main(_cache_argv(tiny_model_dir, root / "data.jsonl", root / "cache")) == 0
+
     def args_json(name, batch):
-        return json.dumps(list(_train_argv(tiny_model_dir, root / "data.jsonl", root / name, batch).values()))
+        runs = list(_train_argv(tiny_model_dir, root / "data.jsonl", root / name, batch).values())
+        if name == "ddp":
+            runs.insert(0, _cache_argv(tiny_model_dir, root / "data.jsonl", root / "cache-ddp"))
+        return json.dumps(runs)
 
     worker = str(root / "worker.py")
     commands = {
@@ -238,6 +256,20 @@ def test_two_processes_train_exactly_like_one(runs, engine, mode, tiny_model_dir
             assert last[1][key] == pytest.approx(last[0][key], rel=1e-4, abs=1e-7), key
     if mode != "sft":
         assert last[0]["kl"] > 1e-6
+    if mode == "cached":  # k = V: the cache is the online reference exactly
+        asft = _weights(runs["root"] / engine / "asft")
+        for name in asft:
+            torch.testing.assert_close(two[name], asft[name], rtol=1e-5, atol=1e-6, msg=f"{engine} cached {name}")
+
+
+def test_a_two_process_cache_build_is_the_one_process_build(runs):
+    _check_ran(runs, "ddp")
+    files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes()  # noqa: E731
+                          for p in sorted(root.rglob("*")) if p.is_file()}
+    one, two = files(runs["root"] / "cache"), files(runs["root"] / "cache-ddp")
+    assert len(one) > 5 and one.keys() == two.keys()
+    for name in one:  # the manifests name their own folders nowhere: identical bytes
+        assert one[name] == two[name], name
 
 
 @pytest.mark.parametrize("engine", ["ddp", "zero3"])

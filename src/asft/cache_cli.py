@@ -98,7 +98,9 @@ def main(argv: list[str]) -> int:
     from .data import build_dataset, resolve_template
     from .models import load_model, load_tokenizer, resolve_model_path
 
-    state = PartialState()
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())
     main_process = state.is_main_process
     log = print if main_process else (lambda *_: None)
     model_path = resolve_model_path(args.model_name_or_path, args.trust_remote_code)
