@@ -345,3 +345,23 @@ def test_vllm_backend_agrees_with_hf(built, tiny_model_dir, tmp_path):
     torch.testing.assert_close(ra.logp, rb.logp, rtol=0, atol=2e-3)
     torch.testing.assert_close(ra.label, rb.label, rtol=0, atol=2e-3)
     assert (ra.ids == rb.ids).float().mean() > 0.95  # near-ties may swap places between kernels
+
+
+def test_the_trainer_checks_the_cache_itself(built, tokenizer, tmp_path):
+    """Used as a library (no CLI): another policy is warned about, a changed example is refused before training."""
+    from asft import AnchoredSFTConfig, AnchoredSFTTrainer
+    from asft.cache import CacheMismatchError
+    from asft.data import build_dataset
+    from conftest import build_model
+
+    args = AnchoredSFTConfig(output_dir=str(tmp_path / "lib"), mode="asft", max_steps=1, report_to="none",
+                             use_cpu=True, reference_cache=str(built["full"]), save_strategy="no")
+    data = build_dataset(str(built["data"]), tokenizer, template="chat", max_length=args.max_length)
+    with pytest.warns(UserWarning, match="is not the model being trained"):
+        trainer = AnchoredSFTTrainer(build_model(tokenizer, seed=1), args=args, train_dataset=data,
+                                     processing_class=tokenizer)
+    assert trainer.ref_model is None and type(trainer.reference).__name__ == "CachedReference"
+    other = build_dataset(str(write_data(tmp_path / "other.jsonl", change=5)), tokenizer, template="chat",
+                          max_length=args.max_length)
+    with pytest.raises(CacheMismatchError, match=r"example 5: field .input_ids."):
+        AnchoredSFTTrainer(build_model(tokenizer, seed=0), args=args, train_dataset=other, processing_class=tokenizer)

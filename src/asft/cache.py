@@ -458,14 +458,25 @@ class ReferenceCache:
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def open_for_training(args, ref_model, trainer_kwargs: dict):
+def open_for_training(args, ref_model, trainer_kwargs: dict, model=None):
     """The cache of `args.reference_cache`, checked against the trainer's tokenizer, max length and every training
-    example (named on a mismatch), and the train_dataset with the stable example index column added."""
+    example (named on a mismatch), and the train_dataset with the stable example index column added.
+
+    A policy whose starting weights are not the cache's reference is trained, with a warning: the KL then anchors
+    to the model the cache was built from (intended with `cache-reference --reference_model_path`)."""
+    import warnings
+
     import datasets
 
     if ref_model is not None:
         raise ConfigError("ref_model: with reference_cache no reference model is used; pass one or the other")
     cache = ReferenceCache(args.reference_cache)
+    if model is not None and not isinstance(model, str) and not hasattr(model, "get_base_model") and \
+            not any(hasattr(p, "ds_id") for p in model.parameters()):  # a plain model (not PEFT, not ZeRO-3 shards)
+        if model_fingerprint(model) != cache.manifest["reference"]["fingerprint"]:
+            warnings.warn(f"reference_cache: the cache's reference ({cache.manifest['reference']['path']}) is not "
+                          "the model being trained (other weights or config): the KL anchors to that model",
+                          stacklevel=3)
     cache.check_settings(tokenizer=trainer_kwargs.get("processing_class"), max_length=args.max_length)
     if trainer_kwargs.get("eval_dataset") is not None:
         raise ConfigError("eval_data_path: the reference cache covers the training set only; evaluate without "

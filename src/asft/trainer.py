@@ -149,7 +149,7 @@ class AnchoredSFTTrainer(SFTTrainer):
         if args.reference_cache:  # checked against the data before anything is prepared or computed
             from .cache import open_for_training
 
-            self.reference_cache, kwargs = open_for_training(args, ref_model, kwargs)
+            self.reference_cache, kwargs = open_for_training(args, ref_model, kwargs, model)
         super().__init__(model, args=args, **kwargs)
         if self.reference_cache is not None:
             from .cache import ExampleIndexCollator, check_prepared
