@@ -258,9 +258,12 @@ class VLLMScorer:
                  gpu_memory_utilization: float = 0.8, trust_remote_code: bool = False):
         from vllm import LLM
 
+        # max_logprobs: vLLM's default (20) caps prompt_logprobs; one more position than max_length for the one
+        # token it must generate.
         self.llm = LLM(model=model_path, dtype=dtype or "auto", seed=seed, max_logprobs=k,
-                       max_model_len=max_length, gpu_memory_utilization=gpu_memory_utilization,
-                       trust_remote_code=trust_remote_code, generation_config="vllm")
+                       max_model_len=None if max_length is None else max_length + 1,
+                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+                       generation_config="vllm")
 
     def __call__(self, batch: dict, k: int) -> tuple[list[CachedRows], list[int]]:
         from vllm import SamplingParams

@@ -6,7 +6,8 @@
 
 The data flags are those of `asft train` and the examples are tokenized by the same code (asft.data.build_dataset),
 so `asft train ... --reference_cache cache/` finds every example's rows. Interrupted, the same command continues
-(finished shards are kept); under `accelerate launch` / `asft launch` each process builds a share of the shards.
+(finished shards are kept); under `accelerate launch ... -m asft.cli cache-reference ...` each process builds a
+share of the shards.
 """
 
 from __future__ import annotations
