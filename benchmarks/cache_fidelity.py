@@ -221,7 +221,7 @@ def main() -> None:
           f"{max(build) / max(fwd):.2f} (best of each); load {os.getloadavg()[0]:.2f}")
     gap = max(abs(final["cached"][m] - final["online"][m]) / abs(final["online"][m]) for m in ("kl", "nll"))
     row = next(r for r in table if r["k"] == args.default_k and r["dtype"] == args.dtype)
-    print(f"k={args.default_k} kl_rel_err={row['kl_rel_err']:.4f} grad_cos={row['grad_cos']:.4f} run_gap={gap:.4f}")
+    print(f"k={args.default_k} kl_rel_err={row['kl_rel_err']:.4f} grad_cos={row['grad_cos']:.5f} run_gap={gap:.4f}")
 
 
 if __name__ == "__main__":
