@@ -201,7 +201,12 @@ def _check_training_flags(script, config) -> None:
     """Combinations that would otherwise fail after the model is loaded (or, worse, train something else)."""
     import importlib.util
 
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
     for name in config.report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK and name not in ("all", "none"):
+            raise UsageError(f"report_to: unknown integration {name!r}; expected none, all or one of "
+                             f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
         package = REPORT_PACKAGES.get(name)
         if package and importlib.util.find_spec(package) is None:
             raise UsageError(f"report_to: {name!r} needs the {package} package: pip install {package}")
@@ -393,9 +398,17 @@ def describe_run(trainer) -> None:
 
 
 def merge_lora(argv: list[str]) -> int:
-    import argparse
-
     from .models import merge_lora as merge
+
+    args = merge_lora_parser().parse_args(argv)
+    out = merge(args.base_model_path, args.lora_model_path, args.output_dir, dtype=args.dtype,
+                overwrite=args.overwrite_output_dir)
+    print(f"Merged model written to {out}")
+    return 0
+
+
+def merge_lora_parser():
+    import argparse
 
     p = argparse.ArgumentParser(prog="asft merge-lora", description="Merge a LoRA adapter into its base model.")
     p.add_argument("--base_model_path", required=True, help="base model (folder, hub id, .gguf, embedded:...)")
@@ -403,11 +416,7 @@ def merge_lora(argv: list[str]) -> int:
     p.add_argument("--output_dir", required=True, help="where to write the merged model")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="dtype to save in")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace a non-empty output_dir")
-    args = p.parse_args(argv)
-    out = merge(args.base_model_path, args.lora_model_path, args.output_dir, dtype=args.dtype,
-                overwrite=args.overwrite_output_dir)
-    print(f"Merged model written to {out}")
-    return 0
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,10 @@ def adapter_base(path: str | os.PathLike) -> str:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:  # an unknown hub id, or any hub id offline: one line, not transformers' traceback
+        raise ModelLoadError(f"model: cannot load {path}: {str(e).strip().splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
