@@ -29,7 +29,7 @@ def _commands() -> list[str]:
             if "asft" in command and not command.startswith("#"):
                 found.append(command)
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    found += [m for m in re.findall(r"`(asft [^`]+)`", prose) if len(m.split()) > 2]  # not mere mentions
+    found += [m for m in re.findall(r"`(asft [^`]+)`", prose) if len(m.split()) > 3]  # not mere mentions
     return found
 
 
