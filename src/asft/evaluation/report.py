@@ -57,7 +57,7 @@ def _fmt(value) -> str:
 
 def _numeric(r: dict) -> dict:
     """Every number a dataset's results hold beside its main metric (drift's nll, pass@k, avg@n, ...)."""
-    skip = {"value", "n"}
+    skip = {"value", "n", r.get("metric")}
     return {k: v for k, v in r.items() if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
