@@ -117,3 +117,133 @@ def test_shipped_examples_parse(name):
     script, cfg = parse_train_args([str(example), "--model_name_or_path", "m", "--data_path", "d",
                                     "--output_dir", "o"])
     assert cfg.mode == (name if name != "quickstart" else "asft")
+
+
+# ------------------------------------------------------------------------------ one line, before the model loads
+
+
+def _one_line_error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("asft train: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--mode", "ppo"], "sft, dft, sft_kl, asft, iw_sft"),                      # an invalid choice lists the choices
+    (["--kl_direction", "sideways"], "forward"),
+    (["--learning_rate", "abc"], "invalid float value: 'abc'"),
+    (["--mode", "asft", "--loss_type", "dft"], "conflicting values"),          # two spellings, two objectives
+    (["--mode", "asft", "--loss-type", "dft"], "conflicting values"),
+    (["--max_length", "64", "--model_max_length", "128"], "conflicting values"),
+    (["--report_to", "surely_not_a_tracker"], "tensorboard"),                   # lists the integrations
+    (["--eval_strategy", "steps"], "--eval_data_path"),
+    (["--use_lora", "--lora_target_modules", "nonexistent_module"], "q_proj"),  # lists the modules that exist
+    (["--mode", "iw_sft", "--packing", "true"], "--iw_level token"),
+])
+def test_mistakes_get_one_line_before_loading(tiny_model_dir, data_file, tmp_path, capsys, monkeypatch, extra,
+                                              expected):
+    import asft.models
+
+    monkeypatch.setattr(asft.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert expected in _one_line_error(capsys, train_args(tiny_model_dir, data_file, tmp_path / "out", *extra))
+
+
+def test_missing_tracking_package_names_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--report_to", "tensorboard"])
+
+
+def test_missing_yaml_file_is_one_line(capsys, tmp_path):
+    assert "cannot read the config file" in _one_line_error(capsys, ["train", str(tmp_path / "nope.yaml")])
+
+
+def test_help_names_the_command(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: asft train") and "nll,dft,chunked_nll" not in out
+
+
+def test_loss_type_is_an_alias_of_mode():
+    for flag in ("--loss_type", "--loss-type"):
+        _, config = parse_train_args(["--model_name_or_path", "m", "--data_path", "d", flag, "dft"])
+        assert config.mode == "dft" and config.loss_type == "nll"  # TRL must not apply its own DFT loss
+    from asft import AnchoredSFTConfig
+
+    with pytest.raises(ConfigError, match="conflicts"):
+        AnchoredSFTConfig(output_dir="o", mode="asft", loss_type="dft")
+
+
+def test_boolean_flags_take_the_bare_and_the_valued_form():
+    base = ["--model_name_or_path", "m", "--data_path", "d"]
+    for argv in (["--bf16"], ["--bf16", "true"], ["--bf16=true"]):
+        _, config = parse_train_args(base + argv)
+        assert config.bf16 is True
+    _, config = parse_train_args(base + ["--gradient_checkpointing", "--bf16", "false"])
+    assert config.gradient_checkpointing is True and config.bf16 is False
+    _, config = parse_train_args(base + ["--use_lora"])
+
+
+def test_one_max_length_default_and_a_truncation_report(tiny_model_dir, tmp_path, capsys):
+    from asft.cli import ScriptArguments
+    from asft.data_cli import _parser
+
+    _, config = parse_train_args(["--model_name_or_path", "m", "--data_path", "d"])
+    inspect_default = _parser().parse_args(["inspect", "f", "--model", "m"]).max_length
+    assert config.max_length == inspect_default and ScriptArguments.model_max_length is None
+    data = tmp_path / "long.jsonl"
+    rows = [{"instruction": "q", "response": "the quick brown fox " * 40}] + \
+           [{"instruction": "q", "response": "ok"}] * 3
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match=r"1 of 4 examples truncated \(25.0%\)"):
+        assert main(train_args(tiny_model_dir, data, tmp_path / "out", "--model_max_length", "48", "--mode",
+                               "sft")) == 0
+
+
+def test_bf16_trains_on_cpu(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(train_args(tiny_model_dir, data_file, out, "--mode", "sft", "--bf16", "--learning_rate", "1e-2")) == 0
+    from safetensors.torch import load_file
+
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    moved = sum((before[k] != after[k]).float().mean().item() for k in before) / len(before)
+    assert moved > 0.5  # mixed precision with float32 master weights: most weights change
+
+
+def test_a_run_says_what_it_did(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [a for a in train_args(tiny_model_dir, data_file, out, "--mode", "asft", "--kl_weight", "0.07",
+                                  "--use_lora") if a != "--logging_steps" and a != "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "LoRA:" in printed and "trainable parameters" in printed
+    assert "Done: 2 steps" in printed and str(out / "metrics.jsonl") in printed
+    assert len([r for r in logged(out) if "nll" in r]) == 2  # every step is logged by default
+    card = (out / "README.md").read_text()
+    assert str(tiny_model_dir) in card and "None" not in card.split("---")[2].split("|")[0]
+    assert "`asft`" in card and "kl_weight 0.07" in card and "KL(reference || policy)" in card
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_response_tokens"] > 0 and "train_runtime" in results
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_no_output_dir_says_where_the_run_goes(tiny_model_dir, data_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in train_args(tiny_model_dir, data_file, "x", "--mode", "sft") if a not in ("--output_dir", "x")]
+    assert main(argv) == 0
+    assert f"the run goes to {tmp_path / 'trainer_output'}" in capsys.readouterr().out
+
+
+def test_padding_free_without_packing_trains(tiny_model_dir, data_file, tmp_path):
+    assert main(train_args(tiny_model_dir, data_file, tmp_path / "out", "--mode", "sft", "--padding_free",
+                           "true")) == 0
+
+
+def test_unknown_model_offline_is_one_line(data_file, capsys):
+    err = _one_line_error(capsys, ["train", "--model_name_or_path", "nobody/no-such-model", "--data_path",
+                                   str(data_file)])
+    assert "nobody/no-such-model" in err

@@ -59,7 +59,13 @@ def test_auto_template_follows_the_tokenizer(tokenizer):
 
 @pytest.mark.parametrize("rows,line,field", [
     ([{"instruction": "a", "response": "b"}, '{"instruction": "a", "response": '], 2, None),
-    ([{"instruction": "a", "response": "b"}, {"instruction": "a"}], 2, None),  # no longer matches the format
+    ([{"instruction": "a", "response": "b"}, {"instruction": "a"}], 2, "response"),  # the missing field is named
+    ([{"instruction": "a", "output": "b"}, {"output": "b"}], 2, "instruction"),
+    ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], 2, "completion"),
+    ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, {"msgs": []}], 2,
+     "messages"),
+    ([{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}, {"conv": []}], 2,
+     "conversations"),
     ([{"instruction": "a", "response": "b"}, {"instruction": "", "response": "b"}], 2, "instruction"),
     ([{"instruction": "a", "response": "b"}, {"instruction": "a", "response": 3}], 2, "response"),
     ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},

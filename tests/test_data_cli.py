@@ -235,7 +235,7 @@ def test_inspect_counts_lengths_truncation_and_marks(tokenizer_dir, tokenizer, t
     assert "p50" in out and "p99" in out and "response (trained)" in out
     assert "1 of 8 examples truncated" in out and "1 dropped" in out and f"dropped: {source}:4" in out
     shown = out.split(f"--- {source}:1:")[1]
-    assert f"⟦The answer is 0{tokenizer.eos_token}⟧" in shown and "### Response:\n⟦" in shown
+    assert f"### Response:⟦The answer is 0{tokenizer.eos_token}⟧" in shown  # the paper's prompt: no newline
 
 
 def test_inspect_bad_rows_and_bad_model(tokenizer_dir, tmp_path, capsys):

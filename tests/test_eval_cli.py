@@ -67,8 +67,11 @@ def test_missing_or_unknown_data_file(tmp_path, capsys):
     assert f"{odd}:1: unknown format (keys: text)" in capsys.readouterr().err
 
 
-def test_alpaca_template_is_the_training_text(tokenizer):
+def test_alpaca_template_is_the_papers_evaluation_text(tokenizer):
+    # The paper's evaluation code ends its prompt with "### Response:" and a newline; its training script (and
+    # asft train) with no newline.
     assert render_prompt("Do it", "alpaca", tokenizer, "ctx").endswith("### Input:\nctx\n\n### Response:\n")
+    assert render_prompt("Do it", "alpaca", tokenizer).endswith("### Instruction:\nDo it\n\n### Response:\n")
     assert render_prompt("Do it", "chat", tokenizer) == "<|im_start|>user\nDo it<|im_end|>\n<|im_start|>assistant\n"
     assert render_prompt("Do it", "none", tokenizer) == "Do it"
 
@@ -142,3 +145,9 @@ def test_report_format(tmp_path):
                                                                        "prediction": "B", "gold": "B", "correct": True}
     table = markdown_table(report)
     assert "| c | accuracy | - | 0 |" in table and "| **macro average** | accuracy | 0.7500 |" in table
+    # Every number results.json holds is a column of the printed table (drift's nll, pass@k beside avg@n, ...).
+    more = write_results(tmp_path, {"model": "m", "task": "math"}, [
+        DatasetResult("m", "m.jsonl", "gsm8k", "avg@4", 0.25, 8, extra={"pass@1": 0.125, "pass@4": 0.5})])
+    table = markdown_table(more).splitlines()
+    assert table[0] == "| dataset | metric | value | n | pass@1 | pass@4 |"
+    assert table[2] == "| m | avg@4 | 0.2500 | 8 | 0.1250 | 0.5000 |"

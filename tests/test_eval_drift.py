@@ -82,11 +82,14 @@ def test_full_model_against_base(models, data, tmp_path):
     assert [r["n"] for r in got] == [2, 1]
 
 
-def test_model_against_itself_is_zero(models, data, tmp_path):
+def test_model_against_itself_is_zero(models, data, tmp_path, capsys):
     base, _ = models
     assert drift(base, data, tmp_path / "o", "--base_model", str(base), "--template", "alpaca") == 0
     for r in results(tmp_path / "o"):
         assert r["value"] == pytest.approx(0.0, abs=1e-6) and r["nll"] == pytest.approx(r["ref_nll"])
+    assert "| nll | ref_nll |" in capsys.readouterr().out.splitlines()[0]  # the table shows every metric
+    assert drift(base, data, tmp_path / "o", "--base_model", str(base), "--template", "alpaca") == 0
+    assert "reused 2 finished items" in capsys.readouterr().err
 
 
 def test_adapter_against_its_own_base(models, data, tmp_path):

@@ -125,3 +125,30 @@ def test_a_checkpoint_cut_short_is_passed_over(tokenizer, tmp_path, monkeypatch)
     resumed = small_trainer(tokenizer, tmp_path, max_steps=4, save_steps=2)
     resumed.train(resume_from_checkpoint=str(last_checkpoint(out)))
     assert resumed.state.global_step == 4
+
+
+def test_resume_after_a_kill_keeps_each_step_once_and_refuses_other_settings(tiny_model_dir, data_file, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "run"
+    extra = ["--max_steps", "6", "--save_steps", "3", "--mode", "asft", "--kl_weight", "0.05"]
+    assert main(args_for(tiny_model_dir, data_file, out, *extra)) == 0
+    # As after a kill -9 at step 6 before its checkpoint: metrics.jsonl already holds steps 4-6.
+    shutil.rmtree(out / "checkpoint-6")
+    capsys.readouterr()
+
+    changed = [a if a != "0.05" else "0.1" for a in extra]
+    assert main(args_for(tiny_model_dir, data_file, out, *changed, "--resume_from_checkpoint", "last")) == 2
+    assert "kl_weight: 0.05 -> 0.1" in capsys.readouterr().err
+    assert main(args_for(tiny_model_dir, data_file, out, *extra, "--resume_from_checkpoint", "last")) == 0
+    assert "Resuming from checkpoint-3 (step 3 of 6)" in capsys.readouterr().out
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "nll" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_truncating_metrics_keeps_lines_it_cannot_read(tmp_path):
+    from asft.trainer import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 2}\nnot json\n{"step": 3}\n')
+    assert truncate_metrics(path, 1) == 2
+    assert path.read_text() == '{"step": 1, "loss": 1}\nnot json\n'

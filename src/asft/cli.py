@@ -78,14 +78,28 @@ class ScriptArguments:
                   "choices": ["error", "skip"]})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow training into an output directory that holds another run."})
+    accept_changed_settings: bool = field(
+        default=False,
+        metadata={"help": "Resume even though the objective, kl_weight or learning rate differ from the checkpoint's."})
 
 
 def _parser():
     from transformers import HfArgumentParser
+    from transformers.hf_argparser import string_to_bool
 
     from .config import AnchoredSFTConfig
 
-    return HfArgumentParser((ScriptArguments, AnchoredSFTConfig))
+    class Parser(HfArgumentParser):
+        def error(self, message):  # one line, not the 143-line usage that argparse prints first
+            raise UsageError(message)
+
+    parser = Parser((ScriptArguments, AnchoredSFTConfig), prog="asft train")
+    for action in parser._actions:
+        # `bool | None` fields (--bf16, --gradient_checkpointing, ...) get no bare form from HfArgumentParser:
+        # give every boolean flag both `--flag` and `--flag true|false`.
+        if action.type is string_to_bool and action.nargs is None:
+            action.nargs, action.const = "?", True
+    return parser
 
 
 def _yaml_to_argv(path: str) -> list[str]:
@@ -93,6 +107,8 @@ def _yaml_to_argv(path: str) -> list[str]:
 
     try:
         config = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the config file: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(config, dict):
@@ -118,7 +134,7 @@ def parse_train_args(argv: list[str]):
     argv = list(argv)
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = _yaml_to_argv(argv[0]) + argv[1:]
-    argv = ["--mode" if a == "--loss_type" else a for a in argv]  # TRL's name for the objective
+    _check_spellings(argv)
     parser = _parser()
     known = {a.split("=")[0] for action in parser._actions for a in action.option_strings}
     unknown = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in known]
@@ -140,11 +156,71 @@ def parse_train_args(argv: list[str]):
         if script.model_max_length < 2:
             raise UsageError(f"model_max_length: must be >= 2, got {script.model_max_length}")
         config.max_length = script.model_max_length
+    _check_training_flags(script, config)
     if config.needs_reference is False and config.reference_model_path:
         raise UsageError(f"reference_model_path: mode {config.mode!r} uses no reference")
     if script.use_lora and config.reference_model_path:
         raise UsageError("reference_model_path: under --use_lora the reference is the adapter-disabled base")
     return script, config
+
+
+def _given(argv: list[str], *names: str) -> list[tuple[str, str | None]]:
+    """(flag, value) for each occurrence of the given flags (either spelling, `--f v` or `--f=v`)."""
+    spellings = {n for name in names for n in (name, name.replace("_", "-"))}
+    found = []
+    for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if flag in spellings:
+            nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+            found.append((flag, value if eq else nxt))
+    return found
+
+
+def _check_spellings(argv: list[str]) -> None:
+    """Two names for one setting must agree: --mode / --loss_type (TRL's name), --model_max_length / --max_length."""
+    from .objectives import normalize_mode
+
+    for names, normalize in ((("--mode", "--loss_type"), normalize_mode), (("--model_max_length", "--max_length"), str)):
+        values = {}
+        for flag, value in _given(argv, *names):
+            try:
+                values[flag] = normalize(value) if value is not None else None
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        if len(set(values.values())) > 1:
+            given = ", ".join(f"{f} {v}" for f, v in values.items())
+            raise UsageError(f"{names[0][2:]}: conflicting values ({given}); give one")
+
+
+# `--report_to` integrations and the package each needs.
+REPORT_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                   "trackio": "trackio", "swanlab": "swanlab", "clearml": "clearml", "dvclive": "dvclive",
+                   "neptune": "neptune", "aim": "aim", "codecarbon": "codecarbon"}
+
+
+def _check_training_flags(script, config) -> None:
+    """Combinations that would otherwise fail after the model is loaded (or, worse, train something else)."""
+    import importlib.util
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in config.report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK and name not in ("all", "none"):
+            raise UsageError(f"report_to: unknown integration {name!r}; expected none, all or one of "
+                             f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        package = REPORT_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise UsageError(f"report_to: {name!r} needs the {package} package: pip install {package}")
+    strategy = getattr(config.eval_strategy, "value", config.eval_strategy)
+    if strategy != "no" and not script.eval_data_path:
+        raise UsageError(f"eval_strategy: {strategy!r} needs held-out data: pass --eval_data_path FILE")
+    if config.mode == "iw_sft" and config.iw_level == "sequence" and (config.padding_free or config.packing):
+        raise UsageError("iw_level: sequence-level weights need one example per row; with --packing / --padding_free "
+                         "use --iw_level token")
+    if config.padding_free and not config.packing:
+        # asft truncates every example when it tokenizes, so TRL's own max_length (which padding-free without
+        # packing cannot enforce, and refuses) is not needed.
+        script.model_max_length, config.max_length = config.max_length, None
 
 
 def _derived_flags(argv: list[str]) -> list[str]:
@@ -187,25 +263,32 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
 
 def train(argv: list[str]) -> int:
     script, config = parse_train_args(argv)
+    if not any(a.split("=")[0] in ("--output_dir", "--output-dir") for a in _argv_with_yaml(argv)):
+        print(f"No --output_dir given: the run goes to {Path(config.output_dir).resolve()}", flush=True)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     check_output_dir(config.output_dir, script.overwrite_output_dir, resume is not None)
+    if resume is not None:
+        check_resume(resume, config, script.accept_changed_settings)
 
     from .data import build_dataset
-    from .models import load_model, load_tokenizer, lora_config, resolve_model_path
+    from .models import check_lora_targets, load_model, load_tokenizer, lora_config, resolve_model_path
 
     model_path = resolve_model_path(script.model_name_or_path, config.trust_remote_code)
+    if script.use_lora:
+        check_lora_targets(model_path, script.lora_target_modules, config.trust_remote_code)
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    max_length = script.model_max_length or config.max_length
     train_ds = build_dataset(script.data_path, tokenizer, template=script.template,
-                             max_length=config.max_length, on_bad_rows=script.on_bad_rows,
+                             max_length=max_length, on_bad_rows=script.on_bad_rows,
                              origin=bool(config.reference_cache))
     if config.reference_cache:  # a cache built from other data or settings is refused before any model loads
         from .cache import check_for_cli
 
-        check_for_cli(config.reference_cache, train_ds, tokenizer, script.template, config.max_length)
+        check_for_cli(config.reference_cache, train_ds, tokenizer, script.template, max_length)
     eval_ds = None
     if script.eval_data_path:
         eval_ds = build_dataset(script.eval_data_path, tokenizer, template=script.template,
-                                max_length=config.max_length, on_bad_rows=script.on_bad_rows)
+                                max_length=max_length, on_bad_rows=script.on_bad_rows)
     print(f"Data: {len(train_ds)} training examples" + (f", {len(eval_ds)} held-out" if eval_ds else ""))
 
     from .trainer import AnchoredSFTTrainer
@@ -217,8 +300,9 @@ def train(argv: list[str]) -> int:
         peft_config = lora_config(script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules)
     trainer = AnchoredSFTTrainer(model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                                  processing_class=tokenizer, peft_config=peft_config)
+    trainer.base_model_name = script.model_name_or_path
     describe_run(trainer)
-    trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     if trainer.stopper.signum is not None:
         from .trainer import last_checkpoint
 
@@ -226,12 +310,60 @@ def train(argv: list[str]) -> int:
               "To continue, run the same command with --resume_from_checkpoint last", flush=True)
         return 128 + trainer.stopper.signum
     trainer.save_model(config.output_dir)
+    metrics = {**result.metrics, "train_response_tokens": trainer.response_tokens}
+    trainer.save_metrics("train", metrics)  # train_results.json and all_results.json, as transformers' examples
+    trainer.save_state()  # the top-level trainer_state.json
+    trainer.create_model_card()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
-        kind = "LoRA adapter" if script.use_lora else "model"
-        print(f"Saved the trained {kind} to {config.output_dir}; per-step metrics in "
-              f"{Path(config.output_dir) / 'metrics.jsonl'}")
+        summarize_run(trainer, metrics, "LoRA adapter" if script.use_lora else "model")
     return 0
+
+
+def summarize_run(trainer, metrics: dict, kind: str) -> None:
+    """The end-of-run summary: final terms, runtime, tokens/s and where everything is."""
+    out = Path(trainer.args.output_dir)
+    last = next((r for r in reversed(trainer.state.log_history) if "loss" in r), {})
+    terms = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "nll", "weighted_nll", "kl", "mean_prob",
+                                                      "token_accuracy") if isinstance(last.get(k), (int, float)))
+    runtime = metrics.get("train_runtime") or 0.0
+    speed = f"{trainer.response_tokens / runtime:.0f} response tokens/s" if runtime else ""
+    print(f"Done: {trainer.state.global_step} steps in {runtime:.1f} s ({speed}); final step: {terms or '-'}\n"
+          f"Saved the trained {kind} to {out}; per-step terms in {out / 'metrics.jsonl'}; summary in "
+          f"{out / 'all_results.json'}", flush=True)
+
+
+def quiet_cpu_noise() -> None:
+    """Silence what means nothing on a machine without a GPU: DeepSpeed's 'Setting accelerator to CPU' warning
+    (told the accelerator instead of guessing it) and the DataLoader's pin_memory warning (see config.py)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _argv_with_yaml(argv: list[str]) -> list[str]:
+    return _yaml_to_argv(argv[0]) + argv[1:] if argv and argv[0].endswith((".yaml", ".yml")) else list(argv)
+
+
+def check_resume(checkpoint: str, config, accept: bool) -> None:
+    """Say where the run resumes, and refuse to continue it with another objective or learning rate."""
+    from .trainer import RUN_FILE, run_settings
+
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    step, planned = state.get("global_step", 0), state.get("max_steps")
+    print(f"Resuming from {Path(checkpoint).name} (step {step} of {planned or '?'})", flush=True)
+    recorded = next((p for p in (Path(checkpoint) / RUN_FILE, Path(config.output_dir) / RUN_FILE) if p.exists()),
+                    None)
+    if recorded is None:
+        return
+    before, now = json.loads(recorded.read_text()), run_settings(config)
+    changed = [f"{k}: {before[k]} -> {now[k]}" for k in now if k in before and str(before[k]) != str(now[k])]
+    if changed and not accept:
+        raise UsageError(f"resume_from_checkpoint: the run was trained with other settings ({'; '.join(changed)}); "
+                         "pass --accept_changed_settings to continue it with the new ones")
+    if changed:
+        print(f"Continuing with changed settings: {'; '.join(changed)}", flush=True)
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
@@ -266,12 +398,25 @@ def describe_run(trainer) -> None:
         line += "; reference: " + ("adapter-disabled base" if trainer.is_peft else "frozen copy")
     line += f"; loss: {'fused' if trainer.fused else 'naive'}, normalised {a.loss_normalization}"
     print(line, flush=True)
+    if trainer.is_peft:
+        params = list(trainer.model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)", flush=True)
 
 
 def merge_lora(argv: list[str]) -> int:
-    import argparse
-
     from .models import merge_lora as merge
+
+    args = merge_lora_parser().parse_args(argv)
+    out = merge(args.base_model_path, args.lora_model_path, args.output_dir, dtype=args.dtype,
+                overwrite=args.overwrite_output_dir)
+    print(f"Merged model written to {out}")
+    return 0
+
+
+def merge_lora_parser():
+    import argparse
 
     p = argparse.ArgumentParser(prog="asft merge-lora", description="Merge a LoRA adapter into its base model.")
     p.add_argument("--base_model_path", required=True, help="base model (folder, hub id, .gguf, embedded:...)")
@@ -279,11 +424,7 @@ def merge_lora(argv: list[str]) -> int:
     p.add_argument("--output_dir", required=True, help="where to write the merged model")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="dtype to save in")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace a non-empty output_dir")
-    args = p.parse_args(argv)
-    out = merge(args.base_model_path, args.lora_model_path, args.output_dir, dtype=args.dtype,
-                overwrite=args.overwrite_output_dir)
-    print(f"Merged model written to {out}")
-    return 0
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command in ("train", "quickstart", "eval"):
+        quiet_cpu_noise()
     from .presets import config_path, launch
 
     commands = {"train": train, "merge-lora": merge_lora, "launch": launch, "config-path": config_path}

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from .errors import ConfigError
-from .objectives import IW_LEVELS, KL_DIRECTIONS, needs_reference, normalize_mode
+from .objectives import IW_LEVELS, KL_DIRECTIONS, MODE_ALIASES, MODES, needs_reference, normalize_mode
+
+MODE_CHOICES = (*MODES, *[a for a in MODE_ALIASES if a == "sft+kl"])
 
 
 @dataclass
@@ -19,10 +21,15 @@ class AnchoredSFTConfig(SFTConfig):
     (`sft_kl`, `asft`), `iw_max` / `iw_level` only for `iw_sft`.
     """
 
-    mode: str = field(
-        default="asft",
-        metadata={"help": "Objective: sft | dft | sft_kl (alias sft+kl) | asft | iw_sft.",
-                  "choices": ["sft", "dft", "sft_kl", "sft+kl", "asft", "iw_sft"]},
+    mode: str | None = field(
+        default=None,
+        metadata={"help": "Objective: sft | dft | sft_kl (alias sft+kl) | asft | iw_sft (default: asft).",
+                  "choices": list(MODE_CHOICES)},
+    )
+    loss_type: str | None = field(
+        default=None,
+        metadata={"help": "TRL's name for --mode, with the same choices; given with a different --mode it is an "
+                          "error.", "choices": list(MODE_CHOICES)},
     )
     kl_weight: float = field(
         default=0.03,
@@ -76,10 +83,16 @@ class AnchoredSFTConfig(SFTConfig):
         },
     )
 
+    max_length: int | None = field(
+        default=2048,
+        metadata={"help": "Tokens per example; longer ones are cut from the right, and asft train reports how many "
+                          "examples and response tokens that removes (also --model_max_length, the paper's name)."})
+    logging_steps: float = field(
+        default=1, metadata={"help": "Log every term every N optimizer steps (default 1, as the paper's script)."})
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 mixed precision (float32 master weights, autocast). Default: on when a "
-                          "bf16-capable GPU is present, off on CPU."},
+                          "bf16-capable GPU is present, off on CPU. Works on CPU too (bf16 autocast)."},
     )
     # TRL turns this on by default; here it stays off unless asked (--activation_checkpointing), as in
     # transformers: small models on CPU or one GPU train ~25% faster without it.
@@ -91,11 +104,26 @@ class AnchoredSFTConfig(SFTConfig):
             import torch
 
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        import torch
+
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU (and warns without one)
+        if self.bf16 and not self.use_cpu:
+            import torch
+
+            # transformers refuses bf16 without a bf16 GPU unless told to use the CPU, where bf16 autocast works.
+            if not torch.cuda.is_available() and not _other_accelerator():
+                self.use_cpu = True
         # Validate the objective before anything heavy happens (TRL's __post_init__ sets up devices).
         try:
-            self.mode = normalize_mode(self.mode)
+            mode = normalize_mode(self.mode or self.loss_type or "asft")
+            # "nll" is TRL's default loss_type: it names no objective of ours.
+            if self.loss_type not in (None, "nll") and normalize_mode(self.loss_type) != mode:
+                raise ConfigError(f"mode: {self.mode!r} conflicts with loss_type {self.loss_type!r}; give one")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        # TRL's SFTTrainer would apply its own DFT loss for loss_type="dft": the objective is ours, `mode`.
+        self.mode, self.loss_type = mode, "nll"
         if self.kl_weight is None or self.kl_weight < 0:
             raise ConfigError(f"kl_weight: must be >= 0, got {self.kl_weight}")
         if self.kl_direction not in KL_DIRECTIONS:
@@ -126,3 +154,10 @@ class AnchoredSFTConfig(SFTConfig):
     @property
     def needs_reference(self) -> bool:
         return needs_reference(self.mode)
+
+
+def _other_accelerator() -> bool:
+    import torch
+
+    return any(getattr(torch, name, None) is not None and getattr(torch, name).is_available()
+               for name in ("xpu", "mps", "npu") if hasattr(getattr(torch, name, None), "is_available"))

@@ -27,18 +27,23 @@ from .errors import ConfigError
 
 IGNORE_INDEX = -100
 
+# The paper's training script's PROMPT_DICT (Stanford Alpaca's): the prompt ends with "### Response:" and no
+# newline, and the response follows directly, EOS appended as text. Earlier asft versions added a newline here.
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+    "\n\n### Instruction:\n{instruction}\n\n### Response:"
 )
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
 )
 TEMPLATES = ("auto", "alpaca", "chat", "none")
 FORMATS = ("alpaca", "messages", "prompt_completion", "sharegpt")
 ROLES = ("system", "user", "assistant")
+# The keys each format needs ("a|b": either one).
+REQUIRED_FIELDS = {"alpaca": ["instruction", "response|output"], "messages": ["messages"],
+                   "prompt_completion": ["prompt", "completion"], "sharegpt": ["conversations"]}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -241,6 +246,11 @@ def to_example(row: Row, fmt: str) -> Example:
     if not isinstance(data, dict):
         raise DataError(row.source, row.line, None, f"expected a JSON object, got {type(data).__name__}")
     if detect_format(data) != fmt:
+        missing = next((f for f in REQUIRED_FIELDS[fmt] if not any(k in data for k in f.split("|"))), None)
+        if missing:  # name the field, as every other row error does
+            name = missing.split("|")[0]
+            raise DataError(row.source, row.line, name, f"missing (the file's format is {fmt!r}; this row has keys: "
+                            f"{_keys(data)})")
         raise DataError(row.source, row.line, None,
                         f"row does not match the file's format {fmt!r} (keys: {_keys(data)})")
     if fmt == "alpaca":
@@ -450,9 +460,20 @@ def _render_chat(example: Example, tokenizer) -> list[tuple[str, bool]]:
 
 
 def tokenize(example: Example, template: str, tokenizer, max_length: int | None = None) -> dict[str, list[int]]:
-    """Token ids and labels (-100 on non-trainable tokens); truncated to max_length from the right."""
+    """Token ids and labels (-100 on non-trainable tokens); truncated to max_length from the right.
+
+    One prompt and one response (alpaca, prompt/completion) are tokenized as the paper's script (and Stanford
+    Alpaca, and TRL) do: the whole text at once, with the first len(tokens(prompt)) tokens masked, so a token that
+    BPE merges across the boundary comes out the same. Conversations are tokenized segment by segment.
+    """
+    segments = render(example, template, tokenizer)
     input_ids, labels = [], []
-    for text, trainable in render(example, template, tokenizer):
+    if len(segments) == 2 and not segments[0][1] and segments[1][1]:
+        n_prompt = len(tokenizer(segments[0][0], add_special_tokens=False)["input_ids"])
+        input_ids = tokenizer(segments[0][0] + segments[1][0], add_special_tokens=False)["input_ids"]
+        labels = [IGNORE_INDEX] * min(n_prompt, len(input_ids)) + input_ids[n_prompt:]
+        segments = []
+    for text, trainable in segments:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if trainable else [IGNORE_INDEX] * len(ids)
@@ -476,10 +497,13 @@ def build_dataset(paths, tokenizer, *, template: str = "auto", max_length: int |
 
     template = resolve_template(template, tokenizer)
     examples, skipped = load_examples(paths, on_bad_rows)
-    rows = []
+    rows, truncated, kept, cut = [], 0, 0, 0
     for ex in examples:
         try:
-            item = tokenize(ex, template, tokenizer, max_length)
+            item = tokenize(ex, template, tokenizer)
+            full = item["labels"]
+            if max_length is not None:
+                item = {k: v[:max_length] for k, v in item.items()}
             if all(label == IGNORE_INDEX for label in item["labels"]):
                 raise DataError(ex.source, ex.line, None,
                                 f"the prompt alone fills max_length={max_length}: no response token left")
@@ -489,9 +513,32 @@ def build_dataset(paths, tokenizer, *, template: str = "auto", max_length: int |
             skipped.append(e)
             continue
         rows.append({**item, "source": ex.source, "line": ex.line} if origin else item)
+        kept += sum(label != IGNORE_INDEX for label in item["labels"])
+        if len(full) > len(item["labels"]):
+            truncated += 1
+            cut += sum(label != IGNORE_INDEX for label in full[len(item["labels"]):])
     if skipped:
         lines = ", ".join(f"{e.source}:{e.line}" for e in skipped[:20]) + (" ..." if len(skipped) > 20 else "")
         log(f"Skipped {len(skipped)} bad rows: {lines}")
     if not rows:
         raise DataError(str(paths), None, None, "no valid examples")
+    _report_truncation(log, max_length, len(rows), truncated, kept, cut)
     return datasets.Dataset.from_list(rows)
+
+
+# More than this share of examples or response tokens cut by max_length is warned about, not just reported.
+TRUNCATION_WARN = 0.02
+
+
+def _report_truncation(log, max_length, n, truncated, kept, cut) -> None:
+    if max_length is None:
+        return
+    share = cut / (kept + cut) if kept + cut else 0.0
+    line = (f"max_length={max_length}: {truncated} of {n} examples truncated ({100 * truncated / n:.1f}%), "
+            f"{cut} of {kept + cut} response tokens removed ({100 * share:.1f}%)")
+    if truncated / n > TRUNCATION_WARN or share > TRUNCATION_WARN:
+        import warnings
+
+        warnings.warn(line + "; raise --model_max_length to keep them", stacklevel=3)
+    else:
+        log("Truncation: " + line)

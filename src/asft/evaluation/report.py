@@ -50,13 +50,29 @@ def write_results(out_dir: Path, header: dict, results: list[DatasetResult]) -> 
 
 
 def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def _numeric(r: dict) -> dict:
+    """Every number a dataset's results hold beside its main metric (drift's nll, pass@k, avg@n, ...)."""
+    skip = {"value", "n", r.get("metric")}
+    return {k: v for k, v in r.items() if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| dataset | metric | value | n |", "|---|---|---:|---:|"]
+    """One row per dataset: the main metric, then every other number results.json holds for it."""
+    extra = []
+    for r in report["datasets"].values():
+        extra += [k for k in _numeric(r) if k not in extra]
+    lines = ["| dataset | metric | value | n |" + "".join(f" {k} |" for k in extra),
+             "|---|---|---:|---:|" + "---:|" * len(extra)]
     for name, r in report["datasets"].items():
-        lines.append(f"| {name} | {r['metric']} | {_fmt(r['value'])} | {r['n']} |")
+        nums = _numeric(r)
+        lines.append(f"| {name} | {r['metric']} | {_fmt(r['value'])} | {r['n']} |"
+                     + "".join(f" {_fmt(nums.get(k))} |" for k in extra))
     avg = report["macro_average"]
-    lines.append(f"| **macro average** | {avg['metric']} | {_fmt(avg['value'])} | {avg['n_datasets']} datasets |")
+    lines.append(f"| **macro average** | {avg['metric']} | {_fmt(avg['value'])} | {avg['n_datasets']} datasets |"
+                 + " |" * len(extra))
     return "\n".join(lines)

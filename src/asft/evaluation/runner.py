@@ -34,6 +34,9 @@ class Run:
         from tqdm.auto import tqdm
 
         pending = [it for it in items if self.store.get(ds.name, it.index, samples) is None]
+        if len(pending) < len(items):
+            print(f"{ds.name}: reused {len(items) - len(pending)} finished items from {self.store.dir}",
+                  file=sys.stderr, flush=True)
         if length is not None:
             pending.sort(key=length, reverse=True)
         size = self.args.batch_size
