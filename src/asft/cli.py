@@ -24,6 +24,7 @@ commands:
   data        download, convert and inspect training data
   launch      run `asft train` under `accelerate launch` with a preset: ddp, fsdp, zero2, zero3 (or a config file)
   config-path print the path of a shipped preset (ddp fsdp zero2 zero3 ds_zero2_bf16 ds_zero3_bf16)
+  rl          GRPO / DAPO / Dr.GRPO from an asft run with verifiable rewards (math, choice, your own)
   quickstart  offline ASFT demo on the embedded SmolLM2-135M-Instruct (about 5 minutes on 2 CPU cores)
 
 `asft COMMAND --help` describes each command."""
@@ -295,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         from .data_cli import main as command_main
     elif command == "quickstart":
         from .quickstart import main as command_main
+    elif command == "rl":
+        from .rl import main as command_main
     elif command in commands:
         command_main = commands[command]
     else:
