@@ -2,6 +2,7 @@
 a LoRA start, and one-line errors."""
 
 import json
+from pathlib import Path
 import shutil
 import time
 
@@ -252,3 +253,58 @@ def test_bad_rows_and_flags_give_one_line_errors(tiny_model_dir, problems, tmp_p
         assert main(["rl", *argv]) == 2, expected
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err
+
+
+# ----------------------------------------------------------------------------------------------- run safety
+
+
+def test_a_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_model_dir, problems, tmp_path):
+    from transformers import TrainerCallback
+
+    from asft.trainer import TrainingDivergedError, last_checkpoint
+
+    class PoisonReference(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            with torch.no_grad():
+                trainer.ref_model.lm_head.weight[:] = float("nan")  # the KL term goes NaN at the next step
+
+    trainer, *_ = prepare(rl_args(tiny_model_dir, problems, tmp_path / "rl", "--algorithm", "grpo", "--beta", "0.1",
+                                  "--max_steps", "3", "--save_steps", "1"))
+    trainer.add_callback(PoisonReference())
+    with pytest.raises(TrainingDivergedError, match="step 2") as err:
+        trainer.train()
+    assert "checkpoint-1" in str(err.value) and last_checkpoint(tmp_path / "rl").name == "checkpoint-1"
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir, problems, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from asft.trainer import last_checkpoint
+
+    (tmp_path / "rew.py").write_text("def length(prompts, completions, **kw):\n"
+                                     "    return [len(c) % 7 / 7 for c in completions]\n")
+    out = tmp_path / "rl"
+    argv = rl_args(tiny_model_dir, problems, out, "--max_steps", "100000", "--save_strategy", "no",
+                   "--reward_funcs", "rew:length")
+    proc = subprocess.Popen([sys.executable, "-m", "asft.cli", "rl", *argv], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output and "--resume_from_checkpoint last" in output
+    checkpoint = last_checkpoint(out)
+    assert checkpoint is not None and (checkpoint / "model.safetensors").exists()
+    step = int(checkpoint.name.split("-")[1])
+    os.chdir(tmp_path)  # rew.py is imported from the working directory
+    try:
+        assert main(["rl", *rl_args(tiny_model_dir, problems, out, "--max_steps", str(step + 1), "--save_strategy",
+                                    "no", "--reward_funcs", "rew:length", "--resume_from_checkpoint", "last")]) == 0
+    finally:
+        os.chdir(Path(__file__).parent)
+    assert max(r["step"] for r in records(out)) == step + 1
