@@ -234,6 +234,25 @@ def test_a_lora_start_trains_only_the_adapter_against_the_starting_adapter(tiny_
     assert "kl" in records(tmp_path / "rl")[0]
 
 
+def test_a_merged_adapter_start_trains_all_weights_against_the_merged_model(tiny_model_dir, problems, tmp_path):
+    from peft import get_peft_model
+
+    from asft.models import load_model, lora_config
+
+    adapter = tmp_path / "adapter"
+    config = lora_config(4, 8, 0.0, "q_proj,v_proj")
+    config.init_lora_weights = False
+    get_peft_model(load_model(str(tiny_model_dir)), config).save_pretrained(adapter)
+    out = tmp_path / "rl"
+    trainer, *_ = prepare(rl_args(adapter, problems, out, "--algorithm", "grpo", "--beta", "0.1", "--max_steps", "1",
+                                  "--base_model", str(tiny_model_dir), "--merge_adapter", "true"))
+    assert not hasattr(trainer.model, "peft_config")
+    merged, base = load_file(out / "start-merged" / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    ref = trainer.ref_model.state_dict()
+    assert all(torch.equal(ref[k], merged[k]) for k in merged)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+
 # ------------------------------------------------------------------------------------------------------- errors
 
 
