@@ -81,7 +81,8 @@ class RLArguments:
         metadata={"help": "Prompt rendering, as training and evaluation: auto, alpaca, chat, none.",
                   "choices": ["auto", "alpaca", "chat", "none"]})
     base_model: str | None = field(
-        default=None, metadata={"help": "Base of a LoRA adapter start (default: the adapter's base_model_name_or_path)."})
+        default=None,
+        metadata={"help": "Base of a LoRA adapter start (default: the adapter's base_model_name_or_path)."})
     merge_adapter: bool = field(
         default=False,
         metadata={"help": "Merge a LoRA adapter start into its base first and train all weights (the merged model, "
