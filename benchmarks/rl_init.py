@@ -131,10 +131,17 @@ def main() -> None:
     p.add_argument("--algorithm", default="dapo", choices=["dapo", "grpo", "dr_grpo"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny budget: an end-to-end smoke test")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help=f"override budget entries, e.g. --set rl_steps=12 eval_n=100 (keys: {', '.join(FULL)})")
     args = p.parse_args()
     if args.quick and args.output_dir == "outputs/rl_init":
         args.output_dir = "outputs/rl_init_quick"
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in cfg:
+            p.error(f"--set: unknown key {key!r}")
+        cfg[key] = type(cfg[key])(value)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
