@@ -144,6 +144,12 @@ def main() -> None:
         cfg[key] = type(cfg[key])(value)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Finished stages in output_dir are reused (a rerun resumes); only when they were made with this budget.
+    settings = {**cfg, "algorithm": args.algorithm, "seed": args.seed, "from_replicate": args.from_replicate}
+    stamp = out / "budget.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != settings:
+        p.error(f"{out} holds stages run with another budget ({stamp}); pass another --output_dir")
+    stamp.write_text(json.dumps(settings, indent=2) + "\n")
     started = time.monotonic()
     print(f"Budget: {json.dumps(cfg)}; algorithm {args.algorithm}", flush=True)
 
