@@ -171,11 +171,14 @@ def main() -> None:
     print(f"\nHeld-out problems: {cfg['eval_n']} (greedy, {cfg['eval_tokens']} new tokens); RL: {cfg['rl_steps']} "
           f"{args.algorithm} steps x {cfg['rl_prompts']} prompts x {cfg['rl_generations']} generations, lr "
           f"{cfg['rl_lr']}, {cfg['rl_tokens']} completion tokens")
+    print("no-signal: groups whose total rewards are all equal (TRL's frac_reward_zero_std); dropped: groups "
+          "masked by dynamic sampling (correctness all equal)")
     print(f"{'start':6} {'acc before':>10} {'acc after':>10} {'reward 1st half':>15} {'reward 2nd half':>15} "
-          f"{'train acc':>9} {'no-signal':>9} {'len':>6} {'min':>5}")
+          f"{'train acc':>9} {'no-signal':>9} {'dropped':>7} {'len':>6} {'min':>5}")
     for name, r in results.items():
         print(f"{name:6} {r['before']:10.3f} {r['after']:10.3f} {r['reward_first_half']:15.3f} "
               f"{r['reward_second_half']:15.3f} {r['train_accuracy']:9.3f} {r['no_signal_groups']:9.3f} "
+              f"{r['dropped_groups']:7.3f} "
               f"{r['completion_length']:6.1f} {r['minutes']:5.1f}")
         print(f"       rewards per step: {r['rewards']}")
     (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
