@@ -121,6 +121,7 @@ def curve(metrics: Path) -> dict:
             "no_signal_groups": mean([r.get("frac_reward_zero_std") for r in recs]),
             "dropped_groups": mean([r.get("dynamic_sampling/dropped_groups_frac") for r in recs]),
             "completion_length": mean([r.get("completions/mean_length") for r in recs]),
+            "kl_last": recs[-1].get("kl") if recs and recs[-1].get("kl") is not None else float("nan"),
             "rewards": [round(x, 3) for x in rewards]}
 
 
@@ -172,13 +173,13 @@ def main() -> None:
           f"{args.algorithm} steps x {cfg['rl_prompts']} prompts x {cfg['rl_generations']} generations, lr "
           f"{cfg['rl_lr']}, {cfg['rl_tokens']} completion tokens")
     print("no-signal: groups whose total rewards are all equal (TRL's frac_reward_zero_std); dropped: groups "
-          "masked by dynamic sampling (correctness all equal)")
+          "masked by dynamic sampling (correctness all equal); kl last: KL to the start at the last step")
     print(f"{'start':6} {'acc before':>10} {'acc after':>10} {'reward 1st half':>15} {'reward 2nd half':>15} "
-          f"{'train acc':>9} {'no-signal':>9} {'dropped':>7} {'len':>6} {'min':>5}")
+          f"{'train acc':>9} {'no-signal':>9} {'dropped':>7} {'kl last':>8} {'len':>6} {'min':>5}")
     for name, r in results.items():
         print(f"{name:6} {r['before']:10.3f} {r['after']:10.3f} {r['reward_first_half']:15.3f} "
               f"{r['reward_second_half']:15.3f} {r['train_accuracy']:9.3f} {r['no_signal_groups']:9.3f} "
-              f"{r['dropped_groups']:7.3f} "
+              f"{r['dropped_groups']:7.3f} {r['kl_last']:8.4f} "
               f"{r['completion_length']:6.1f} {r['minutes']:5.1f}")
         print(f"       rewards per step: {r['rewards']}")
     (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -162,19 +162,29 @@ def test_grpo_step_from_an_asft_run_uses_the_run_as_reference(asft_run, tiny_mod
 def test_dapo_step_changes_the_weights_and_logs_its_terms(tiny_model_dir, problems, tmp_path, math_reward):
     # The random model never solves a problem, so with the math reward every group is flat for dynamic sampling;
     # without it (the length reward alone judges the groups) dynamic sampling is on, as DAPO runs by default.
-    extra = ["--dynamic_sampling", "false"] if math_reward else []
+    # With beta = 0 the loss has no KL term; `kl` to the start is still logged unless --monitor_kl false.
+    extra = ["--dynamic_sampling", "false", "--monitor_kl", "false"] if math_reward else []
     trainer, _, config, _ = prepare(rl_args(tiny_model_dir, problems, tmp_path / "rl", "--algorithm", "dapo",
-                                            "--max_steps", "1", *extra, reward=("--reward", "math")[:2 * math_reward]))
+                                            "--max_steps", "1" if math_reward else "2", *extra,
+                                            reward=("--reward", "math")[:2 * math_reward]))
     assert (config.loss_type, config.epsilon_high, config.beta) == ("dapo", 0.28, 0.0)
     assert "soft_overlong_punishment_reward" in trainer.reward_func_names
     assert trainer.dynamic_sampling is not math_reward
     before = weights(trainer.model)
     trainer.train()
     assert changed(before, weights(trainer.model))
-    (rec,) = records(tmp_path / "rl")
+    rec, *later = records(tmp_path / "rl")
     terms = TERMS if math_reward else [t for t in TERMS if "math" not in t and t != "accuracy"]
     for term in terms + ["clip_ratio/high_mean"] + ([] if math_reward else ["dynamic_sampling/dropped_groups_frac"]):
         assert term in rec, term
+    if math_reward:
+        assert "kl" not in rec and trainer._monitor_ref is None
+    else:
+        start = load_file(tiny_model_dir / "model.safetensors")
+        ref = trainer._monitor_ref.state_dict()
+        assert all(torch.equal(ref[k], start[k]) for k in start)  # the start, frozen
+        assert rec["kl"] == pytest.approx(0.0, abs=1e-6)  # measured before the first update: policy == start
+        assert later[0]["kl"] > 1e-6  # after it, the policy has moved away from the start
 
 
 def test_dynamic_sampling_masks_flat_groups_out_of_the_loss(tiny_model_dir, problems, tmp_path):
@@ -211,7 +221,10 @@ def test_resume_continues_the_same_run(tiny_model_dir, problems, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
 
 
-def test_a_lora_start_trains_only_the_adapter_against_the_starting_adapter(tiny_model_dir, problems, tmp_path):
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo"])
+def test_a_lora_start_trains_only_the_adapter_against_the_starting_adapter(tiny_model_dir, problems, tmp_path,
+                                                                          algorithm):
+    # grpo: the KL term (beta 0.1) uses TRL's frozen "ref" copy; dapo (beta 0): --monitor_kl makes that copy.
     from peft import get_peft_model
 
     from asft.models import load_model, lora_config
@@ -220,7 +233,8 @@ def test_a_lora_start_trains_only_the_adapter_against_the_starting_adapter(tiny_
     config = lora_config(4, 8, 0.0, "q_proj,v_proj")
     config.init_lora_weights = False  # a trained-looking adapter: not the identity
     get_peft_model(load_model(str(tiny_model_dir)), config).save_pretrained(adapter)
-    trainer, *_ = prepare(rl_args(adapter, problems, tmp_path / "rl", "--algorithm", "grpo", "--beta", "0.1",
+    extra = ["--beta", "0.1"] if algorithm == "grpo" else ["--dynamic_sampling", "false"]
+    trainer, *_ = prepare(rl_args(adapter, problems, tmp_path / "rl", "--algorithm", algorithm, *extra,
                                   "--max_steps", "1", "--base_model", str(tiny_model_dir)))
     before = weights(trainer.model)
     trainer.train()

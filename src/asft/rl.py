@@ -76,6 +76,11 @@ class RLArguments:
         metadata={"help": "DAPO's soft overlong punishment: completions longer than max_completion_length - buffer "
                           "lose up to 1 reward linearly (default: max_completion_length // 5 for dapo, else off; 0 "
                           "turns it off)."})
+    monitor_kl: bool = field(
+        default=True,
+        metadata={"help": "With beta = 0 (dapo, dr_grpo), still log `kl` to the starting point each step (TRL's k3 "
+                          "estimate at generation time; never in the loss). Full fine-tuning holds a frozen copy of "
+                          "the start for it; false saves that memory and two forwards a step."})
     template: str = field(
         default="auto",
         metadata={"help": "Prompt rendering, as training and evaluation: auto, alpaca, chat, none.",
@@ -281,9 +286,14 @@ def _grpo_trainer_class():
     class AsftGRPOTrainer(GRPOTrainer):
         """GRPOTrainer with asft's run safety, evaluation-identical prompt tokens and DAPO's dynamic sampling."""
 
-        def __init__(self, *args, dynamic_sampling: bool = False, signal_column: int | None = 0, **kwargs):
+        def __init__(self, *args, dynamic_sampling: bool = False, signal_column: int | None = 0,
+                     monitor_kl: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.dynamic_sampling = dynamic_sampling
+            self.monitor_kl = monitor_kl and self.beta == 0.0  # with beta > 0 TRL logs `kl` itself
+            self._monitor_ref = None
+            if self.monitor_kl:
+                self._setup_kl_monitor(new_adapter=kwargs.get("peft_config") is not None)
             self.signal_column = signal_column  # the correctness reward: what "no signal" is judged by
             self._gathered_rewards = None
             self.add_callback(MetricsFileCallback())
@@ -303,9 +313,54 @@ def _grpo_trainer_class():
 
         def _generate_and_score_completions(self, inputs):
             out = super()._generate_and_score_completions(inputs)
+            if self.monitor_kl and self.model.training:
+                self._log_reference_kl(out)
             if self.dynamic_sampling and self.model.training:
                 self._drop_flat_groups(out)
             return out
+
+        def _setup_kl_monitor(self, new_adapter: bool):
+            """The starting point, for `kl` when the loss has no KL term: as TRL builds its reference for beta > 0
+            (a frozen copy loaded from the start's folder; a frozen "ref" copy of a continued adapter; a new
+            adapter switched off)."""
+            from accelerate.utils import is_peft_model
+            from trl.trainer.utils import add_fused_lm_head, create_model_from_path, get_config_model_id
+
+            model = self.accelerator.unwrap_model(self.model)
+            if is_peft_model(model):
+                if not new_adapter and "ref" not in model.peft_config:
+                    model.add_adapter("ref", model.peft_config["default"])
+                    for name, param in model.named_parameters():
+                        if ".ref." in name:
+                            param.requires_grad_(False)
+                            param.data.copy_(model.get_parameter(name.replace(".ref.", ".default.")).data)
+                return
+            ref = create_model_from_path(get_config_model_id(model.config), dtype=model.dtype)
+            ref.requires_grad_(False)
+            # TRL scores tokens through a fused head it adds to its models (log-probs at its temperature)
+            add_fused_lm_head(ref, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+            self._monitor_ref = self.accelerator.prepare_model(ref.eval(), evaluation_mode=True)
+
+        @torch.no_grad()
+        def _log_reference_kl(self, out):
+            from trl.trainer.utils import use_adapter
+
+            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+            attention = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+            keep, batch = out["completion_ids"].size(1), self.args.per_device_train_batch_size
+            logps = out.get("old_per_token_logps")
+            if logps is None:
+                logps = self._get_per_token_logps_and_entropies(self.model, ids, attention, keep, batch)[0]
+            if self._monitor_ref is not None:
+                ref = self._get_per_token_logps_and_entropies(self._monitor_ref, ids, attention, keep, batch)[0]
+            else:
+                model = self.accelerator.unwrap_model(self.model)
+                with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+                    ref = self._get_per_token_logps_and_entropies(self.model, ids, attention, keep, batch)[0]
+            delta = ref - logps
+            kl, mask = torch.exp(delta) - delta - 1, out["completion_mask"]  # TRL's estimator for its `kl`
+            totals = self.accelerator.reduce(torch.stack([(kl * mask).sum(), mask.sum().float()]), reduction="sum")
+            self._metrics["train"]["kl"].append((totals[0] / totals[1].clamp(min=1.0)).item())
 
         def _drop_flat_groups(self, out):
             """DAPO's dynamic sampling, the smallest honest version: a group whose correctness rewards are all equal
@@ -363,7 +418,7 @@ def build_trainer(script: RLArguments, config, model, tokenizer, dataset, peft_c
     cls = _grpo_trainer_class()
     return cls(model, reward_funcs=rewards, args=config, train_dataset=dataset, processing_class=tokenizer,
                peft_config=peft_config, dynamic_sampling=dynamic_sampling_on(script),
-               signal_column=0 if script.reward else None)
+               signal_column=0 if script.reward else None, monitor_kl=script.monitor_kl)
 
 
 def describe(script: RLArguments, config, trainer, reference: str, template: str) -> str:
@@ -372,7 +427,9 @@ def describe(script: RLArguments, config, trainer, reference: str, template: str
              "rewards: " + ", ".join(f"{n} x{w:g}" for n, w in zip(trainer.reward_func_names, config.reward_weights)),
              f"dynamic sampling: {'on' if trainer.dynamic_sampling else 'off'}",
              f"template: {template}",
-             "reference: " + (reference if config.beta > 0 else "none (beta=0, no KL term)")]
+             "reference: " + (reference if config.beta > 0 else
+                              "none in the loss (beta=0)" + (f"; kl logged against {reference}"
+                                                             if trainer.monitor_kl else ""))]
     return "; ".join(parts)
 
 
