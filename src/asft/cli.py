@@ -25,6 +25,7 @@ commands:
   cache-reference  store the reference's top-k log-probs over the training set (asft train --reference_cache)
   launch      run `asft train` under `accelerate launch` with a preset: ddp, fsdp, zero2, zero3 (or a config file)
   config-path print the path of a shipped preset (ddp fsdp zero2 zero3 ds_zero2_bf16 ds_zero3_bf16)
+  rl          GRPO / DAPO / Dr.GRPO from an asft run with verifiable rewards (math, choice, your own)
   quickstart  offline ASFT demo on the embedded SmolLM2-135M-Instruct (about 5 minutes on 2 CPU cores)
 
 `asft COMMAND --help` describes each command."""
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command in ("train", "quickstart", "eval"):
+    if command in ("train", "quickstart", "eval", "rl", "cache-reference"):
         quiet_cpu_noise()
     from .presets import config_path, launch
 
@@ -448,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         from .quickstart import main as command_main
     elif command == "cache-reference":
         from .cache_cli import main as command_main
+    elif command == "rl":
+        from .rl import main as command_main
     elif command in commands:
         command_main = commands[command]
     else:
