@@ -254,6 +254,8 @@ def describe_run(trainer) -> None:
         line += f" with kl_weight={a.kl_weight} x {kl} [{a.kl_direction}]"
     if a.mode == "iw_sft":
         line += f" with {a.iw_level}-level weights, iw_max={a.iw_max}"
+    if a.monitor_kl and a.mode in ("sft", "dft"):
+        line += f"; logging kl [{a.kl_direction}] (--monitor_kl; not in the loss)"
     if trainer.reference is not None:
         line += "; reference: " + ("adapter-disabled base" if trainer.is_peft else "frozen copy")
     line += f"; loss: {'fused' if trainer.fused else 'naive'}, normalised {a.loss_normalization}"
