@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .eval_task_args import TaskEvalArguments
 
 USAGE = """usage: asft COMMAND [ARGS]
 
@@ -34,7 +35,7 @@ class UsageError(ConfigError):
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(TaskEvalArguments):
     """What `asft train` needs beyond the training configuration (names follow the paper's script)."""
 
     model_name_or_path: str = field(
@@ -194,6 +195,9 @@ def train(argv: list[str]) -> int:
 
     model_path = resolve_model_path(script.model_name_or_path, config.trust_remote_code)
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    from .eval_callback import make_task_eval
+
+    task_eval = make_task_eval(script, tokenizer, config.disable_tqdm)  # validates its files before training
     train_ds = build_dataset(script.data_path, tokenizer, template=script.template,
                              max_length=config.max_length, on_bad_rows=script.on_bad_rows)
     eval_ds = None
@@ -211,6 +215,8 @@ def train(argv: list[str]) -> int:
         peft_config = lora_config(script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules)
     trainer = AnchoredSFTTrainer(model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                                  processing_class=tokenizer, peft_config=peft_config)
+    if task_eval is not None:
+        trainer.add_callback(task_eval.attach(trainer))
     describe_run(trainer)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.stopper.signum is not None:
