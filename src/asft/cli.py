@@ -25,6 +25,8 @@ commands:
   data        download, convert and inspect training data
   launch      run `asft train` under `accelerate launch` with a preset: ddp, fsdp, zero2, zero3 (or a config file)
   config-path print the path of a shipped preset (ddp fsdp zero2 zero3 ds_zero2_bf16 ds_zero3_bf16)
+  plot        training curves of runs (metrics.jsonl), or --kind probs: the histogram of p(y_t) per model
+  compare     one report comparing runs and evaluations (markdown table, plots, CSV, JSON)
   quickstart  offline ASFT demo on the embedded SmolLM2-135M-Instruct (about 5 minutes on 2 CPU cores)
 
 `asft COMMAND --help` describes each command."""
@@ -301,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation.cli import main as command_main
     elif command == "data":
         from .data_cli import main as command_main
+    elif command in ("plot", "compare"):
+        from .reporting import compare_main, plot_main
+
+        command_main = plot_main if command == "plot" else compare_main
     elif command == "quickstart":
         from .quickstart import main as command_main
     elif command in commands:

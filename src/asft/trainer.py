@@ -21,6 +21,7 @@ from trl import SFTTrainer
 from .config import AnchoredSFTConfig
 from .fused import fused_token_loss, lm_head_of
 from .objectives import token_loss
+from .reporting import RunConfigCallback
 from .reference import (AdapterDisabledReference, FrozenModelReference, forward_kwargs, full_heads,
                         load_frozen_copy, prepare_reference)
 
@@ -148,6 +149,7 @@ class AnchoredSFTTrainer(SFTTrainer):
         self.add_callback(MetricsFileCallback())
         self.stopper = GracefulStopCallback()
         self.add_callback(self.stopper)
+        self.add_callback(RunConfigCallback())  # asft_run.json: what `asft compare` tabulates
         # Global normalisation: the loss divides by the step's response tokens itself, so the Trainer must count
         # them (num_items_in_batch) and must not divide by the accumulation steps again.
         global_norm = args.loss_normalization == "global"
