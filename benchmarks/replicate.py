@@ -22,8 +22,9 @@ The printed claims (each `yes` or `no`, whatever this run shows; the task is nev
   (c) ASFT's off-task drift (KL to the base, off-task set) is lower than DFT's.
 Last line: `claim_a=yes|no claim_b=yes|no claim_c=yes|no`. Printed, never asserted.
 
-Budget: the defaults aim at ~35-40 minutes on an idle 2-core machine (measured steps: see the README); `--quick`
-runs the whole pipeline on a few examples in a few minutes (a smoke test; its numbers mean nothing).
+Budget: the defaults are sized for about 40 minutes on an idle 2-core machine (32 steps x 8 examples of ~150
+tokens per mode, 64 held-out problems evaluated at steps 16 and 32); the total is printed. `--quick` runs the
+whole pipeline on a few examples (a smoke test; its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ OFF_TASK = [
 
 def settings(a) -> dict:
     if a.quick:
-        return dict(n_train=24, n_test=6, max_steps=3, batch=4, eval_steps=2, max_new_tokens=48, n_off_task=4,
+        return dict(n_train=16, n_test=4, max_steps=2, batch=2, eval_steps=1, max_new_tokens=32, n_off_task=4,
                     off_task_tokens=24, lr=a.learning_rate, kl_weight=a.kl_weight, seed=a.seed)
     return dict(n_train=a.n_train, n_test=a.n_test, max_steps=a.max_steps, batch=a.batch_size,
                 eval_steps=a.eval_steps, max_new_tokens=a.max_new_tokens, n_off_task=len(OFF_TASK),
@@ -193,7 +194,7 @@ def main() -> int:
     p.add_argument("--max_steps", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--eval_steps", type=int, default=16, help="in-training held-out evaluation every N steps")
-    p.add_argument("--max_new_tokens", type=int, default=160, help="held-out evaluation: tokens per answer")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="held-out evaluation: tokens per answer")
     p.add_argument("--off_task_tokens", type=int, default=96, help="length of the base model's off-task answers")
     p.add_argument("--learning_rate", type=float, default=5e-5)
     p.add_argument("--kl_weight", type=float, default=0.05, help="sft_kl / asft (the paper's main runs: 0.05)")
@@ -216,7 +217,7 @@ def main() -> int:
         (out / "task" / "offtask.jsonl").unlink()
     paths = write_sets(out / "task", base, s)
 
-    base_eval = out / "base" / "eval-math"
+    base_eval = out / "base"
     if not (reuse and (base_eval / "results.json").exists()):
         asft("eval", "--task", "math", "--model", base, "--data", str(paths["test"]), "--output_dir", str(base_eval),
              "--max_new_tokens", str(s["max_new_tokens"]), "--batch_size", "16", "--overwrite", "--quiet")

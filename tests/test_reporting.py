@@ -38,7 +38,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 def test_plot_has_one_panel_per_metric_and_one_line_per_run(runs, tmp_path):
     a, b = load_run(runs["sft"]), load_run(runs["asft"])
-    assert a.label == "sft (sft)" and b.label == "asft (asft)"
+    assert a.label == "sft" and b.label == "asft"
     fig = plot_metrics([a, b], ["loss", "nll", "mean_prob"], tmp_path / "curves.png")
     axes = fig.get_axes()
     assert [ax.get_title() for ax in axes] == ["loss", "nll", "mean_prob"]
@@ -78,18 +78,19 @@ def test_compare_table_numbers_are_the_inputs(runs, tmp_path):
     assert main(["compare", str(runs["sft"]), str(runs["asft"]), str(outside), "--output_dir", str(report_dir)]) == 0
     report = json.loads((report_dir / "comparison.json").read_text())
     rows = {r["run"]: r for r in report["rows"]}
-    assert list(rows) == ["sft (sft)", "asft (asft)"]  # the outside evaluation joined its run's row
+    assert list(rows) == ["sft", "asft"]  # the outside evaluation joined its run's row
     column = "medical:med accuracy"
     for mode in ("sft", "asft"):
-        row = rows[f"{mode} ({mode})"]
+        row = rows[mode]
         results = json.loads((runs[mode] / "eval-medical" / "results.json").read_text())
         assert row["results"][column] == results["datasets"]["med"]["value"]
         logged = read_metrics(runs[mode] / "metrics.jsonl")
         assert row["final"]["loss"] == series(logged, "loss")[1][-1]
         assert row["final"]["nll"] == series(logged, "nll")[1][-1]
         assert row["mode"] == mode
-    assert rows["sft (sft)"]["lora"] == "no" and rows["asft (asft)"]["lora"] == "r=4"
-    assert rows["asft (asft)"]["learning_rate"] == 0.03 and rows["asft (asft)"]["kl_weight"] == 0.03
+    assert rows["sft"]["lora"] == "no" and rows["asft"]["lora"] == "r=4"
+    assert rows["asft"]["learning_rate"] == 0.03 and rows["asft"]["kl_weight"] == 0.03
+    assert rows["sft"]["kl_weight"] is None  # not in an sft loss
     values = [rows[r]["results"][column] for r in rows]
     assert report["best"][column] == [i for i, v in enumerate(values) if v == max(values)]
     with (report_dir / "comparison.csv").open() as f:
@@ -111,7 +112,14 @@ def test_compare_uses_the_last_in_training_evaluation(runs, tmp_path):
             "metric": "accuracy", "value": value, "n": 4}}, "macro_average": {"value": value}}))
     write_jsonl(step_dir / "metrics.jsonl", [{"step": 10, "loss": 1.5}])
     [row] = collect([step_dir])
-    assert row.results == {"math@10:test accuracy": 0.5}
+    assert row.results == {"math:test accuracy": 0.5}
+    assert row.notes == ["run: math:test accuracy from the in-training evaluation at step 10"]
+    explicit = step_dir / "eval-math"  # an `asft eval` of the final model wins over the in-training number
+    explicit.mkdir()
+    (explicit / "results.json").write_text(json.dumps({"task": "math", "datasets": {"test": {
+        "metric": "accuracy", "value": 0.75, "n": 4}}}))
+    [row] = collect([step_dir])
+    assert row.results == {"math:test accuracy": 0.75} and row.notes == []
 
 
 @pytest.mark.parametrize("content,where", [

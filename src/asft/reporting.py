@@ -126,6 +126,7 @@ class RunInfo:
     config: dict
     records: list[dict]
     results: dict = field(default_factory=dict)  # column -> value, from results.json files
+    notes: list = field(default_factory=list)  # where a result column came from, when not from `asft eval`
 
 
 def is_run(path: Path) -> bool:
@@ -158,7 +159,8 @@ def load_run(path: str | Path) -> RunInfo:
     if not is_run(path):
         _refuse(path)
     config = read_config(path)
-    label = path.name + (f" ({config['mode']})" if config.get("mode") else "")
+    mode = config.get("mode")
+    label = path.name + (f" ({mode})" if mode and mode != path.name else "")
     return RunInfo(path, label, config, read_metrics(path / METRICS))
 
 
@@ -199,11 +201,16 @@ def plot_metrics(runs: list[RunInfo], metrics: list[str] | None = None, output: 
                         markersize=3)
         ax.set_title(key + (f" (smoothed over {smooth_n})" if smooth_n > 1 else ""), fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:
         ax.remove()
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
+    legend = {}  # every run once, whichever panels it appears in
+    for ax in fig.get_axes():
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels, handles = list(legend), list(legend.values())
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, min(len(labels), 4)), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.1, 1, 1))
     if output is not None:
         _save(fig, output)
@@ -294,9 +301,9 @@ def result_columns(report: dict, file: Path) -> dict[str, float | None]:
     return columns
 
 
-def _run_results(run: RunInfo) -> dict:
+def _run_results(run: RunInfo) -> tuple[dict, list[str]]:
     """Every results.json under a run folder: `asft eval` output put there, and the last in-training evaluation of
-    each task (eval_task/<task>/step-N, shown as `<task>@<step>`); an explicit evaluation wins a tie."""
+    each task (eval_task/<task>/step-N, under the same column; noted); an explicit `asft eval` result wins."""
     found, in_training = {}, {}
     for file in sorted(run.path.rglob(RESULTS)):
         rel = file.relative_to(run.path).parts
@@ -308,11 +315,13 @@ def _run_results(run: RunInfo) -> dict:
                 in_training[rel[1]] = (step, file)
             continue
         found.update(result_columns(read_results(file), file))
+    notes = []
     for task, (step, file) in in_training.items():
-        cols = result_columns(read_results(file), file)
-        for key, value in cols.items():
-            found.setdefault(key.replace(f"{task}:", f"{task}@{step}:", 1), value)
-    return found
+        cols = {k: v for k, v in result_columns(read_results(file), file).items() if k not in found}
+        found.update(cols)
+        if cols:
+            notes.append(f"{run.label}: {', '.join(cols)} from the in-training evaluation at step {step}")
+    return found, notes
 
 
 def _owner(report: dict, runs: list[RunInfo]) -> RunInfo | None:
@@ -336,7 +345,7 @@ def collect(paths: list[str | Path]) -> list[RunInfo]:
             _refuse(p)
     runs = [load_run(p) for p in paths if is_run(p)]
     for run in runs:
-        run.results = _run_results(run)
+        run.results, run.notes = _run_results(run)
     extra = []
     for p in paths:
         if is_run(p):
@@ -365,10 +374,12 @@ def comparison(rows: list[RunInfo]) -> dict:
     for r in rows:
         c, lora = r.config, r.config.get("lora")
         entries.append({
-            "run": r.label, "path": str(r.path), "mode": c.get("mode"), "kl_weight": c.get("kl_weight"),
+            "run": r.label, "path": str(r.path), "mode": c.get("mode"),
+            # kl_weight only matters where the KL is in the loss
+            "kl_weight": c.get("kl_weight") if c.get("mode") in ("sft_kl", "asft") else None,
             "learning_rate": c.get("learning_rate"),
             "lora": None if not c else (f"r={lora['r']}" if lora else "no"),
-            "final": _final_terms(r), "results": dict(r.results)})
+            "final": _final_terms(r), "results": dict(r.results), "notes": list(r.notes)})
     best = {}
     for key in result_keys:
         values = [(e["results"].get(key), i) for i, e in enumerate(entries) if _is_number(e["results"].get(key))]
@@ -414,9 +425,10 @@ def write_comparison(rows: list[RunInfo], output_dir: str | Path, metrics: list[
         for e in report["rows"]:
             w.writerow([e["run"], e["path"]] + [e[k] for k in cols["config"]] +
                        [e["final"].get(k) for k in cols["final"]] + [e["results"].get(k) for k in cols["results"]])
+    notes = [n for e in report["rows"] for n in e["notes"]]
     text = ["# asft compare", "", markdown(report), "",
-            "Bold: the best value of a result column (highest; lowest for kl / nll). `task@N`: the in-training "
-            "evaluation at step N (`asft train --eval_task`).", ""]
+            "Bold: the best value of a result column (highest; lowest for kl / nll); kl_weight is shown for the "
+            "modes whose loss holds the KL.", ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
     runs = [r for r in rows if r.records]
     if runs:
         plot_metrics(runs, [m for m in (metrics or numeric_keys([x for r in runs for x in r.records]))],
