@@ -235,7 +235,7 @@ def main() -> int:
          "--metrics", "loss", "nll", "kl", "mean_prob", "math/test/accuracy")
     asft("plot", *[str(out / "runs" / m) for m in modes], "--metrics", "math/test/accuracy", "kl",
          "--output", str(report / "figure1.png"))
-    asft("plot", "--kind", "probs", base, *[str(out / "runs" / m) for m in modes], "--data", str(paths["test_pairs"]),
+    asft("plot", "--kind", "probs", MODEL, *[str(out / "runs" / m) for m in modes], "--data", str(paths["test_pairs"]),
          "--output", str(report / "figure4_probs.png"))
     (out / "replicate_results.json").write_text(json.dumps({"settings": s, "base_accuracy": base_result["value"],
                                                            "rows": rows, "train_seconds": seconds}, indent=2))
