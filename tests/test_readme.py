@@ -86,6 +86,14 @@ def parse(argv: list[str]) -> None:
         from asft.cache_cli import _parser as cache_parser
 
         cache_parser().parse_args(rest)
+    elif command == "rl":
+        from asft.rl import parse_rl_args
+
+        parse_rl_args(rest)
+    elif command in ("plot", "compare"):
+        from asft import reporting
+
+        getattr(reporting, f"{command}_parser")().parse_args(rest)
     else:
         pytest.fail(f"README shows an asft command this test cannot parse: {command}")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .eval_task_args import TaskEvalArguments
 
 USAGE = """usage: asft COMMAND [ARGS]
 
@@ -26,6 +27,8 @@ commands:
   launch      run `asft train` under `accelerate launch` with a preset: ddp, fsdp, zero2, zero3 (or a config file)
   config-path print the path of a shipped preset (ddp fsdp zero2 zero3 ds_zero2_bf16 ds_zero3_bf16)
   rl          GRPO / DAPO / Dr.GRPO from an asft run with verifiable rewards (math, choice, your own)
+  plot        training curves of runs (metrics.jsonl), or --kind probs: the histogram of p(y_t) per model
+  compare     one report comparing runs and evaluations (markdown table, plots, CSV, JSON)
   quickstart  offline ASFT demo on the embedded SmolLM2-135M-Instruct (about 5 minutes on 2 CPU cores)
 
 `asft COMMAND --help` describes each command."""
@@ -36,7 +39,7 @@ class UsageError(ConfigError):
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(TaskEvalArguments):
     """What `asft train` needs beyond the training configuration (names follow the paper's script)."""
 
     model_name_or_path: str = field(
@@ -279,6 +282,10 @@ def train(argv: list[str]) -> int:
         check_lora_targets(model_path, script.lora_target_modules, config.trust_remote_code)
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
     max_length = script.model_max_length or config.max_length
+
+    from .eval_callback import make_task_eval
+
+    task_eval = make_task_eval(script, tokenizer, config.disable_tqdm)  # validates its files before training
     train_ds = build_dataset(script.data_path, tokenizer, template=script.template,
                              max_length=max_length, on_bad_rows=script.on_bad_rows,
                              origin=bool(config.reference_cache))
@@ -302,6 +309,8 @@ def train(argv: list[str]) -> int:
     trainer = AnchoredSFTTrainer(model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                                  processing_class=tokenizer, peft_config=peft_config)
     trainer.base_model_name = script.model_name_or_path
+    if task_eval is not None:
+        trainer.add_callback(task_eval.attach(trainer))
     describe_run(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
     if trainer.stopper.signum is not None:
@@ -393,6 +402,8 @@ def describe_run(trainer) -> None:
         line += f" with kl_weight={a.kl_weight} x {kl} [{a.kl_direction}]"
     if a.mode == "iw_sft":
         line += f" with {a.iw_level}-level weights, iw_max={a.iw_max}"
+    if a.monitor_kl and a.mode in ("sft", "dft"):
+        line += f"; logging kl [{a.kl_direction}] (--monitor_kl; not in the loss)"
     if trainer.reference_cache is not None:
         line += f"; reference: cache {a.reference_cache} (top-{trainer.reference_cache.top_k} + tail bucket)"
     elif trainer.reference is not None:
@@ -445,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation.cli import main as command_main
     elif command == "data":
         from .data_cli import main as command_main
+    elif command in ("plot", "compare"):
+        from .reporting import compare_main, plot_main
+
+        command_main = plot_main if command == "plot" else compare_main
     elif command == "quickstart":
         from .quickstart import main as command_main
     elif command == "cache-reference":

@@ -89,6 +89,15 @@ class AnchoredSFTConfig(SFTConfig):
                           "examples and response tokens that removes (also --model_max_length, the paper's name)."})
     logging_steps: float = field(
         default=1, metadata={"help": "Log every term every N optimizer steps (default 1, as the paper's script)."})
+    monitor_kl: bool = field(
+        default=False,
+        metadata={"help": "sft / dft: also log `kl`, the KL to the reference (in --kl_direction, per response "
+                          "token), without changing the loss or its gradient. Off by default: it costs a reference "
+                          "forward per step and, under full fine-tuning, a frozen copy of the model in memory "
+                          "(LoRA: the adapter-disabled base, no extra weights). Modes with a reference (sft_kl, "
+                          "asft, iw_sft) always log kl."},
+    )
+
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 mixed precision (float32 master weights, autocast). Default: on when a "
@@ -153,7 +162,8 @@ class AnchoredSFTConfig(SFTConfig):
 
     @property
     def needs_reference(self) -> bool:
-        return needs_reference(self.mode)
+        # --monitor_kl gives sft / dft a reference whose only use is the logged kl (see asft.objectives).
+        return needs_reference(self.mode) or bool(self.monitor_kl)
 
 
 def _other_accelerator() -> bool:

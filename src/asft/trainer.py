@@ -80,17 +80,33 @@ def run_settings(args) -> dict:
 
 
 class RunSettingsCallback(TrainerCallback):
-    """Keep `asft_run.json` (the objective's settings) in the output folder and in every checkpoint, so a resume
-    can tell whether it continues the same run."""
+    """Write `asft_run.json` in the output folder at the start of training and into every checkpoint: the
+    objective's settings (a resume compares them), and what `asft compare` tabulates (LoRA, model, every
+    training argument, tokens redacted by transformers' to_dict)."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
-            _write_json(Path(args.output_dir) / RUN_FILE, run_settings(args))
+            self.info = {**run_settings(args), **_run_description(args, model)}
+            _write_json(Path(args.output_dir) / RUN_FILE, self.info)
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and checkpoint.is_dir():
-            _write_json(checkpoint / RUN_FILE, run_settings(args))
+        if state.is_world_process_zero and checkpoint.is_dir() and hasattr(self, "info"):
+            _write_json(checkpoint / RUN_FILE, self.info)
+
+
+def _run_description(args, model) -> dict:
+    lora = None
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict) and peft_config:
+        c = next(iter(peft_config.values()))
+        targets = c.target_modules
+        lora = {"r": c.r, "alpha": c.lora_alpha, "dropout": c.lora_dropout,
+                "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"monitor_kl": getattr(args, "monitor_kl", False), "lora": lora,
+            "model": getattr(getattr(base, "config", None), "_name_or_path", None),
+            "args": json.loads(args.to_json_string())}
 
 
 def _write_json(path: Path, obj) -> None:

@@ -1,0 +1,143 @@
+"""Evaluation during training: `asft train --eval_task medical|math --eval_task_data FILES --eval_task_steps N`.
+
+Every N optimizer steps and once at the end, the current weights go through the very code of `asft eval`
+(`asft.evaluation`: the same prompts, scoring, grading and result files), in the training process, on the main
+process only. Each evaluation writes `<output_dir>/eval_task/<task>/step-<N>/results.json` and
+`predictions.jsonl`, and appends one record to `<output_dir>/metrics.jsonl`:
+
+    {"step": N, "math/test/accuracy": 0.41, "math/macro_average": 0.41}
+
+(keys `<task>/<dataset>/<metric>` and `<task>/macro_average`), so `asft plot` draws it against the training
+terms. Data files are read and validated when the callback is built, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .errors import ConfigError
+from .eval_task_args import TaskEvalArguments, check_task_eval_args
+
+
+def _eval_args(a: TaskEvalArguments, template: str, quiet: bool):
+    """The argparse namespace `asft eval` would build for these settings (its own parser and defaults)."""
+    from .evaluation.cli import build_parser, check_args, fill_defaults
+
+    argv = ["--task", a.eval_task, "--data", a.eval_task_data, "--model", "(weights being trained)",
+            "--output_dir", "-", "--template", template, "--max_new_tokens", str(a.eval_task_max_new_tokens),
+            "--batch_size", str(a.eval_task_batch_size)]
+    if a.eval_task_limit:
+        argv += ["--limit", str(a.eval_task_limit)]
+    args = build_parser().parse_args(argv + (["--quiet"] if quiet else []))
+    check_args(args)
+    fill_defaults(args)
+    return args
+
+
+class TaskEvalCallback(TrainerCallback):
+    """Run an `asft eval` task on the weights being trained; build it, then `attach(trainer)` before training."""
+
+    def __init__(self, a: TaskEvalArguments, tokenizer, template: str = "auto", quiet: bool = False):
+        from .evaluation import cli as eval_cli
+        from .evaluation.datafiles import load_datasets
+        from .evaluation.generation import resolve_template
+
+        check_task_eval_args(a)
+        self.steps = a.eval_task_steps
+        self.tokenizer = tokenizer
+        self.template = resolve_template(template, tokenizer)
+        self.args = _eval_args(a, self.template, quiet)
+        self.task = eval_cli.TASKS[a.eval_task]
+        # Read and validate every file now: a bad row costs no training.
+        self.datasets = load_datasets(self.args.data, lambda path: self.task.load(path, self.args), self.args.limit)
+        self.trainer = None
+        self.last_step = None
+
+    def attach(self, trainer) -> TaskEvalCallback:
+        from accelerate.utils import DistributedType
+
+        state = trainer.accelerator.state
+        sharded = state.distributed_type == DistributedType.FSDP or (
+            state.distributed_type == DistributedType.DEEPSPEED and trainer.accelerator.state.deepspeed_plugin
+            and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)
+        if sharded:
+            raise ConfigError("eval_task: the weights are sharded (FSDP / ZeRO-3), so one process cannot generate "
+                              "alone; save checkpoints and run `asft eval` on them instead")
+        self.trainer = trainer
+        return self
+
+    # ------------------------------------------------------------------------------------------------ events
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.steps and state.global_step % self.steps == 0:
+            self.evaluate(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        stopper = getattr(self.trainer, "stopper", None)
+        if stopper is not None and stopper.signum is not None:
+            return  # stopping on a signal: leave promptly, the checkpoint can be evaluated later
+        if self.last_step != state.global_step:
+            self.evaluate(args, state)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, args, state) -> dict | None:
+        """Evaluate the current weights (main process only; the others wait at a barrier)."""
+        self.last_step = state.global_step
+        metrics = None
+        if state.is_world_process_zero:
+            metrics = self._evaluate_here(Path(args.output_dir), state.global_step)
+        self.trainer.accelerator.wait_for_everyone()
+        return metrics
+
+    def _evaluate_here(self, output_dir: Path, step: int) -> dict:
+        import torch
+
+        from .evaluation.generation import HFBackend
+        from .evaluation.report import write_results
+        from .evaluation.runner import Run
+        from .evaluation.store import Store
+
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        was_training = model.training
+        out = output_dir / "eval_task" / self.args.task / f"step-{step:06d}"
+        settings = {"task": self.args.task, "model": f"{output_dir} at step {step}", "template": self.template,
+                    "backend": "hf", "dtype": str(next(model.parameters()).dtype), **self.task.settings(self.args)}
+        # overwrite: a retrained output_dir must never reuse another run's generations for this step.
+        store = Store(out, settings, {ds.name: ds.sha256 for ds in self.datasets}, overwrite=True)
+        args = type(self.args)(**{**vars(self.args), "output_dir": str(out)})
+        run = Run(args, self.tokenizer, self.template, store)
+        run._backend = HFBackend(model, self.tokenizer)  # the weights in memory instead of a loaded folder
+        print(f"\n[eval_task] step {step}: {self.args.task} on {', '.join(d.name for d in self.datasets)}",
+              file=sys.stderr, flush=True)
+        model.eval()
+        try:
+            with torch.no_grad(), self.trainer.accelerator.autocast():
+                if hasattr(self.task, "prepare"):
+                    self.task.prepare(run, self.datasets)
+                results = [self.task.evaluate(run, ds) for ds in self.datasets]
+        finally:
+            model.train(was_training)
+        header = {"model": settings["model"], "base_model": None, "task": self.args.task, "backend": "hf",
+                  "step": step, "settings": {**settings, "limit": self.args.limit,
+                                             "batch_size": self.args.batch_size}}
+        report = write_results(out, header, results)
+        metrics = {f"{self.args.task}/{name}/{r['metric']}": r["value"] for name, r in report["datasets"].items()}
+        metrics[f"{self.args.task}/macro_average"] = report["macro_average"]["value"]
+        with (output_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        print("[eval_task] " + ", ".join(f"{k} = {v:.4f}" for k, v in metrics.items() if v is not None),
+              file=sys.stderr, flush=True)
+        return metrics
+
+
+def make_task_eval(script, tokenizer, disable_tqdm: bool = False) -> TaskEvalCallback | None:
+    """The callback `asft train` adds when --eval_task is given (None otherwise); validates flags and files."""
+    check_task_eval_args(script)
+    if script.eval_task is None:
+        return None
+    return TaskEvalCallback(script, tokenizer, template=script.template, quiet=bool(disable_tqdm))

@@ -1,0 +1,482 @@
+"""From logged metrics and evaluation results to pictures and comparisons: `asft plot` and `asft compare`.
+
+- `asft plot RUN... [--metrics loss kl ...] [--output FILE.png] [--smooth N]`: any numeric key of each run's
+  metrics.jsonl against step, one panel per metric, the runs overlaid (named by folder and mode).
+- `asft plot --kind probs RUN_OR_MODEL... --data FILE`: the histogram of p(y_t) over a dataset's response tokens
+  for each model (the ASFT paper's Figure 4).
+- `asft compare RUN_OR_EVAL_DIR... --output_dir REPORT`: report.md (configuration, final training terms, every
+  `asft eval` result found, best per column marked), the plots, comparison.csv and comparison.json.
+
+A run is a folder with metrics.jsonl (what `asft train` writes; `asft_run.json` holds its configuration); an
+evaluation is a folder with results.json (what `asft eval` writes). Figures are drawn headless (Agg); the format
+follows the output's extension (.png, .svg, .pdf).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+from .data import DataError
+from .errors import ConfigError
+
+RUN_CONFIG = "asft_run.json"  # written by asft.trainer.RunSettingsCallback
+METRICS = "metrics.jsonl"
+RESULTS = "results.json"
+# The training terms, in the order panels and tables show them (others follow alphabetically).
+TERMS = ("loss", "nll", "weighted_nll", "kl", "mean_prob", "entropy", "token_accuracy", "grad_norm", "learning_rate")
+# Summary keys of the Trainer's last record: not curves.
+SUMMARY_KEYS = {"step", "epoch", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+                "total_flos", "train_loss"}
+LOWER_IS_BETTER = {"kl", "nll"}  # evaluation metrics where smaller wins (drift); every other one: larger wins
+
+
+# ------------------------------------------------------------------------------------------- what a run wrote
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Every record of a metrics.jsonl; a missing file, a bad line or a record without a step is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), None, None, "metrics file not found (is this the output_dir of `asft train`?)")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), number, None, f"not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(str(path), number, None, f"expected a JSON object, got {type(record).__name__}")
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise DataError(str(path), number, "step", "missing or not an integer")
+        records.append(record)
+    if not records:
+        raise DataError(str(path), None, None, "no records")
+    return records
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def numeric_keys(records: list[dict]) -> list[str]:
+    """The plottable keys of a run's records: training terms first, then the rest alphabetically."""
+    keys = {k for r in records for k, v in r.items() if _is_number(v) and k not in SUMMARY_KEYS}
+    return [k for k in TERMS if k in keys] + sorted(keys - set(TERMS))
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one key; a step logged twice (a resumed run) keeps its last value."""
+    by_step = {r["step"]: float(r[key]) for r in records if _is_number(r.get(key)) and "train_runtime" not in r}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def smooth(values: list[float], n: int) -> list[float]:
+    """Trailing moving average over n points (the first points average what exists so far)."""
+    if n <= 1:
+        return list(values)
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - n] if i >= n else 0.0)
+        out.append(total / min(i + 1, n))
+    return out
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    label: str
+    config: dict
+    records: list[dict]
+    results: dict = field(default_factory=dict)  # column -> value, from results.json files
+    notes: list = field(default_factory=list)  # where a result column came from, when not from `asft eval`
+
+
+def is_run(path: Path) -> bool:
+    return (path / METRICS).exists() or (path / RUN_CONFIG).exists()
+
+
+def is_evaluation(path: Path) -> bool:
+    return (path / RESULTS).is_file()
+
+
+def _refuse(path: Path) -> None:
+    if not path.exists():
+        raise ConfigError(f"{path}: no such folder")
+    raise ConfigError(f"{path}: neither a training run (no {METRICS}) nor an evaluation (no {RESULTS}); give the "
+                      "output_dir of `asft train` or of `asft eval`")
+
+
+def read_config(path: Path) -> dict:
+    file = path / RUN_CONFIG
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(str(file), e.lineno, None, f"not valid JSON ({e.msg})") from None
+
+
+def load_run(path: str | Path) -> RunInfo:
+    path = Path(path)
+    if not is_run(path):
+        _refuse(path)
+    config = read_config(path)
+    mode = config.get("mode")
+    label = path.name + (f" ({mode})" if mode and mode != path.name else "")
+    return RunInfo(path, label, config, read_metrics(path / METRICS))
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(runs: list[RunInfo], metrics: list[str] | None = None, output: str | Path | None = None,
+                 smooth_n: int = 1):
+    """One panel per metric, one line per run that logged it; returns the matplotlib Figure (saved if output)."""
+    available = [k for k in dict.fromkeys(k for run in runs for k in numeric_keys(run.records))]
+    if metrics:
+        missing = [m for m in metrics if m not in available]
+        if missing:
+            raise ConfigError(f"--metrics: {', '.join(missing)} not logged by any run; available: "
+                              f"{', '.join(available)}")
+    else:
+        metrics = available
+    if not metrics:
+        raise ConfigError("nothing to plot: the runs logged no numeric metric")
+    plt = _pyplot()
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, metrics):
+        for run in runs:
+            steps, values = series(run.records, key)
+            if steps:
+                ax.plot(steps, smooth(values, smooth_n), label=run.label, marker="o" if len(steps) < 12 else None,
+                        markersize=3)
+        ax.set_title(key + (f" (smoothed over {smooth_n})" if smooth_n > 1 else ""), fontsize=10)
+        ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.remove()
+    legend = {}  # every run once, whichever panels it appears in
+    for ax in fig.get_axes():
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels, handles = list(legend), list(legend.values())
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, min(len(labels), 4)), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.1, 1, 1))
+    if output is not None:
+        _save(fig, output)
+    return fig
+
+
+def _save(fig, output: str | Path) -> Path:
+    output = Path(output)
+    if output.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ConfigError(f"--output: {output} must end in .png, .svg or .pdf")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    return output
+
+
+def token_probabilities(model_path: str, data: str, *, template: str = "auto", max_length: int | None = None,
+                        limit: int | None = None, batch_size: int = 8) -> list[float]:
+    """p(y_t) of every response token of the data files under the model, tokenized as training does."""
+    import torch
+
+    from .data import load_examples, resolve_template, tokenize
+    from .evaluation.drift import _right_pad
+    from .evaluation.generation import load_model
+    from .objectives import select_response
+
+    examples, _ = load_examples([p.strip() for p in data.split(",") if p.strip()])
+    examples = examples[:limit] if limit else examples
+    model, tokenizer = load_model(model_path)
+    template = resolve_template(template, tokenizer)
+    features = [tokenize(ex, template, tokenizer, max_length) for ex in examples]
+    device = next(model.parameters()).device
+    probs = []
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            inputs = _right_pad(features[start:start + batch_size], tokenizer.pad_token_id, device)
+            labels = inputs.pop("labels")
+            z, y, _ = select_response(model(**inputs).logits, labels)
+            probs += torch.log_softmax(z.float(), -1).gather(-1, y[:, None]).squeeze(-1).exp().tolist()
+    return probs
+
+
+def plot_probs(models: dict[str, list[float]], output: str | Path | None = None, bins: int = 20):
+    """Histogram of p(y_t) per model (the share of response tokens in each probability bin); returns the Figure."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    edges = [i / bins for i in range(bins + 1)]
+    for label, probs in models.items():
+        weights = [1 / len(probs)] * len(probs) if probs else []
+        ax.hist(probs, bins=edges, weights=weights, histtype="step", linewidth=1.6, label=f"{label} (n={len(probs)})")
+    ax.set_xlabel("p(y_t): probability of the reference token")
+    ax.set_ylabel("share of response tokens")
+    ax.set_title("Token probabilities over the data's responses")
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    if output is not None:
+        _save(fig, output)
+    return fig
+
+
+# -------------------------------------------------------------------------------------------------- compare
+
+
+def _eval_dir_task(results: dict, path: Path) -> str:
+    return results.get("task") or path.name
+
+
+def read_results(file: Path) -> dict:
+    try:
+        report = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(str(file), e.lineno, None, f"not valid JSON ({e.msg})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("datasets"), dict):
+        raise DataError(str(file), None, "datasets", "missing: not a results.json of `asft eval`")
+    return report
+
+
+def result_columns(report: dict, file: Path) -> dict[str, float | None]:
+    """`<task>:<dataset> <metric>` and `<task>: macro average` columns of one results.json."""
+    task = _eval_dir_task(report, file.parent)
+    columns = {}
+    for name, r in report["datasets"].items():
+        if not isinstance(r, dict) or "value" not in r:
+            raise DataError(str(file), None, f"datasets.{name}.value", "missing")
+        columns[f"{task}:{name} {r.get('metric', 'value')}"] = r["value"]
+    if len(report["datasets"]) > 1 and isinstance(report.get("macro_average"), dict):
+        columns[f"{task}: macro average"] = report["macro_average"].get("value")
+    return columns
+
+
+def _run_results(run: RunInfo) -> tuple[dict, list[str]]:
+    """Every results.json under a run folder: `asft eval` output put there, and the last in-training evaluation of
+    each task (eval_task/<task>/step-N, under the same column; noted); an explicit `asft eval` result wins."""
+    found, in_training = {}, {}
+    for file in sorted(run.path.rglob(RESULTS)):
+        rel = file.relative_to(run.path).parts
+        if rel[0].startswith("checkpoint-"):
+            continue
+        if rel[0] == "eval_task" and len(rel) == 4 and rel[2].startswith("step-"):
+            step = int(rel[2].split("-")[1])
+            if step >= in_training.get(rel[1], (-1, None))[0]:
+                in_training[rel[1]] = (step, file)
+            continue
+        found.update(result_columns(read_results(file), file))
+    notes = []
+    for task, (step, file) in in_training.items():
+        cols = {k: v for k, v in result_columns(read_results(file), file).items() if k not in found}
+        found.update(cols)
+        if cols:
+            notes.append(f"{run.label}: {', '.join(cols)} from the in-training evaluation at step {step}")
+    return found, notes
+
+
+def _owner(report: dict, runs: list[RunInfo]) -> RunInfo | None:
+    """The run an evaluation was made of: its model is the run folder or one of its checkpoints."""
+    model = report.get("model")
+    if not model or not Path(model).exists():
+        return None
+    model = Path(model).resolve()
+    for run in runs:
+        root = run.path.resolve()
+        if model == root or root in model.parents:
+            return run
+    return None
+
+
+def collect(paths: list[str | Path]) -> list[RunInfo]:
+    """The rows of a comparison: runs (with their results), then evaluations of models that are no given run."""
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not (is_run(p) or is_evaluation(p)):
+            _refuse(p)
+    runs = [load_run(p) for p in paths if is_run(p)]
+    for run in runs:
+        run.results, run.notes = _run_results(run)
+    extra = []
+    for p in paths:
+        if is_run(p):
+            continue
+        report = read_results(p / RESULTS)
+        columns = result_columns(report, p / RESULTS)
+        owner = _owner(report, runs)
+        if owner is None:
+            model = report.get("model")
+            config = read_config(Path(model)) if model and Path(model).is_dir() else {}
+            owner = RunInfo(p, f"{p.name} ({Path(str(model)).name})" if model else p.name, config, [])
+            extra.append(owner)
+        owner.results.update(columns)
+    return runs + extra
+
+
+def _final_terms(run: RunInfo) -> dict[str, float]:
+    return {k: series(run.records, k)[1][-1] for k in TERMS[:7] if series(run.records, k)[0]}
+
+
+def comparison(rows: list[RunInfo]) -> dict:
+    """The comparison as data: one entry per row (config, final terms, results) and the best row per result."""
+    result_keys = list(dict.fromkeys(k for r in rows for k in r.results))
+    term_keys = [k for k in TERMS[:7] if any(k in _final_terms(r) for r in rows)]
+    entries = []
+    for r in rows:
+        c, lora = r.config, r.config.get("lora")
+        entries.append({
+            "run": r.label, "path": str(r.path), "mode": c.get("mode"),
+            # kl_weight only matters where the KL is in the loss
+            "kl_weight": c.get("kl_weight") if c.get("mode") in ("sft_kl", "asft") else None,
+            "learning_rate": c.get("learning_rate"),
+            "lora": None if not c else (f"r={lora['r']}" if lora else "no"),
+            "final": _final_terms(r), "results": dict(r.results), "notes": list(r.notes)})
+    best = {}
+    for key in result_keys:
+        values = [(e["results"].get(key), i) for i, e in enumerate(entries) if _is_number(e["results"].get(key))]
+        if len(values) > 1:
+            lower = key.rsplit(" ", 1)[-1] in LOWER_IS_BETTER
+            top = (min if lower else max)(v for v, _ in values)
+            best[key] = [i for v, i in values if v == top]
+    return {"columns": {"config": ["mode", "kl_weight", "learning_rate", "lora"], "final": term_keys,
+                        "results": result_keys}, "rows": entries, "best": best}
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if v != 0 and abs(v) < 1e-3 else f"{v:.4f}"
+    return str(v)
+
+
+def markdown(report: dict) -> str:
+    cols = report["columns"]
+    head = ["run"] + cols["config"] + [f"final {k}" for k in cols["final"]] + cols["results"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, e in enumerate(report["rows"]):
+        cells = [e["run"]] + [_fmt(e[k]) for k in cols["config"]] + [_fmt(e["final"].get(k)) for k in cols["final"]]
+        for key in cols["results"]:
+            text = _fmt(e["results"].get(key))
+            cells.append(f"**{text}**" if i in report["best"].get(key, []) else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_comparison(rows: list[RunInfo], output_dir: str | Path, metrics: list[str] | None = None) -> dict:
+    """report.md, comparison.csv, comparison.json and training_curves.png in output_dir; returns the data."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = comparison(rows)
+    (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+    cols = report["columns"]
+    with (out / "comparison.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "path"] + cols["config"] + [f"final {k}" for k in cols["final"]] + cols["results"])
+        for e in report["rows"]:
+            w.writerow([e["run"], e["path"]] + [e[k] for k in cols["config"]] +
+                       [e["final"].get(k) for k in cols["final"]] + [e["results"].get(k) for k in cols["results"]])
+    notes = [n for e in report["rows"] for n in e["notes"]]
+    text = ["# asft compare", "", markdown(report), "",
+            "Bold: the best value of a result column (highest; lowest for kl / nll); kl_weight is shown for the "
+            "modes whose loss holds the KL.", ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    runs = [r for r in rows if r.records]
+    if runs:
+        plot_metrics(runs, [m for m in (metrics or numeric_keys([x for r in runs for x in r.records]))],
+                     out / "training_curves.png")
+        text += ["![training curves](training_curves.png)", ""]
+    (out / "report.md").write_text("\n".join(text))
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asft plot", description="Plot training curves of runs (metrics.jsonl), or "
+                                "with --kind probs the histogram of p(y_t) per model over a dataset's responses.")
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_MODEL", help="run folders (curves) or models (probs): a "
+                   "folder, LoRA adapter folder, hub id or embedded:smollm2-135m-instruct")
+    p.add_argument("--kind", default="curves", choices=["curves", "probs"], help="curves: metrics against step; "
+                   "probs: token probability histogram (default: curves)")
+    p.add_argument("--metrics", nargs="+", default=None, help="curves: keys of metrics.jsonl to plot, one panel "
+                   "each (default: every numeric key)")
+    p.add_argument("--smooth", type=int, default=1, help="curves: moving average over N points (default: 1, none)")
+    p.add_argument("--output", default=None, help="image file: .png (default), .svg or .pdf (default: "
+                   "curves.png / probs.png)")
+    p.add_argument("--data", default=None, help="probs: data file(s), comma-separated, in the training formats")
+    p.add_argument("--template", default="auto", choices=["auto", "alpaca", "chat", "none"],
+                   help="probs: prompt rendering, as in training (default: auto)")
+    p.add_argument("--max_length", type=int, default=None, help="probs: truncate each example to N tokens")
+    p.add_argument("--limit", type=int, default=None, help="probs: only the first N examples")
+    return p
+
+
+def plot_main(argv: list[str]) -> int:
+    args = plot_parser().parse_args(argv)
+    if args.smooth < 1:
+        raise ConfigError(f"--smooth: must be >= 1, got {args.smooth}")
+    output = args.output or ("probs.png" if args.kind == "probs" else "curves.png")
+    if Path(output).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ConfigError(f"--output: {output} must end in .png, .svg or .pdf")
+    if args.kind == "probs":
+        if not args.data:
+            raise ConfigError("--kind probs needs --data FILE (prompt/response pairs in a training format)")
+        from .data import load_examples
+
+        load_examples([d.strip() for d in args.data.split(",") if d.strip()])  # bad rows: fail before any model
+        models = {}
+        for path in args.paths:
+            print(f"p(y_t) under {path} ...", file=sys.stderr, flush=True)
+            probs = token_probabilities(path, args.data, template=args.template, max_length=args.max_length,
+                                        limit=args.limit)
+            label = Path(path).name if Path(path).exists() else path
+            models[label] = probs
+            print(f"  {label}: {len(probs)} tokens, mean p {sum(probs) / max(len(probs), 1):.4f}")
+        plot_probs(models, output)
+    else:
+        if args.data:
+            raise ConfigError("--data is for --kind probs")
+        plot_metrics([load_run(p) for p in args.paths], args.metrics, output, args.smooth)
+    print(f"Wrote {output}")
+    return 0
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asft compare", description="Compare runs and evaluations: a markdown table "
+                                "(configuration, final training terms, every asft eval result), curves, CSV, JSON.")
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_EVAL_DIR", help="output folders of asft train or asft eval")
+    p.add_argument("--output_dir", required=True, help="where report.md, comparison.csv / .json and the plots go")
+    p.add_argument("--metrics", nargs="+", default=None, help="keys of metrics.jsonl to plot (default: all)")
+    return p
+
+
+def compare_main(argv: list[str]) -> int:
+    args = compare_parser().parse_args(argv)
+    rows = collect(args.paths)
+    report = write_comparison(rows, args.output_dir, args.metrics)
+    print(markdown(report))
+    print(f"\nReport: {Path(args.output_dir) / 'report.md'}")
+    return 0
