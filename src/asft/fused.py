@@ -139,12 +139,6 @@ def _chunk_grad(a, ar, y, w, lse, lser, kl, k: float, scale: float, cap, rscale:
     out.copy_(g * scale if scale != 1.0 else g)
 
 
-def _masked_lse(z: Tensor, ids: Tensor) -> Tensor:
-    """log sum_{v not in ids} exp(z_v), the same as objectives.log_complement."""
-    in_k = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter_(1, ids, True)
-    return torch.where(in_k, float("-inf"), z).logsumexp(-1)
-
-
 def _cached_stats(a, y, ids, rlogp, rtail, rlabel, scale: float, cap, direction: str):
     """`_chunk_stats` against a cached reference: the bucketed KL (objectives.bucketed_kl) instead of the full one.
 
@@ -158,9 +152,7 @@ def _cached_stats(a, y, ids, rlogp, rtail, rlabel, scale: float, cap, direction:
     hit = (z.argmax(-1) == y).float()
     logp_k = z.gather(1, ids) - lse[:, None]
     has_tail = ids.shape[1] < z.shape[1]
-    # log pi_T: a log-sum-exp over the complement of K. A where() on a boolean top-k mask (1 byte per entry) rather
-    # than objectives.log_complement's scatter into a copy of z: compiled, the reduction then reads z in place.
-    logpi_t = _masked_lse(z, ids) - lse if has_tail else torch.full_like(lse, float("-inf"))
+    logpi_t = log_complement(z, ids) - lse if has_tail else torch.full_like(lse, float("-inf"))
     if direction == "forward":
         kl = (rlogp.exp() * (rlogp - logp_k)).sum(-1)
         if has_tail:
@@ -175,34 +167,28 @@ def _cached_stats(a, y, ids, rlogp, rtail, rlabel, scale: float, cap, direction:
 
 
 def _cached_grad(a, y, w, lse, logpi_t, kl, ids, rlogp, rtail, k: float, scale: float, cap, direction: str, out):
-    """`_chunk_grad` against a cached reference: the closed-form gradient of the bucketed KL (module docstring).
-
-    A dense pass writes the part every token shares into `out`; the top-k entries' correction is then added in place
-    ([c, k] values): no second [c, V] buffer.
-    """
+    """`_chunk_grad` against a cached reference: the closed-form gradient of the bucketed KL (module docstring)."""
     z = _finish(a.float(), scale, cap)
-    z_k = z.gather(1, ids)
-    pi_k = torch.exp(z_k - lse[:, None])
+    pi = torch.exp(z - lse[:, None])
     has_tail = ids.shape[1] < z.shape[1]
+    pi_k = pi.gather(1, ids)
     if direction == "forward":
         # Every j: pi_j (w + k) - k rho_T pi_j / pi_T; then on K: + k rho_T pi_j / pi_T - k rho_j.
         ratio = torch.where(rtail > float("-inf"), torch.exp(rtail - logpi_t), 0.0) if has_tail else \
             torch.zeros_like(lse)
-        dense = w + k - k * ratio
-        corr = k * (pi_k * ratio[:, None] - rlogp.exp())
+        g = pi * (w + k - k * ratio)[:, None]
+        g = g.scatter_add(1, ids, k * (pi_k * ratio[:, None] - rlogp.exp()))
     else:
         # Every j: pi_j (w + k (L_T - KL)); then on K: + k pi_j (L_j - L_T). L_T is 0 when there is no tail.
         l_t = logpi_t - rtail if has_tail else torch.zeros_like(lse)
-        dense = w + k * (l_t - kl)
-        corr = k * pi_k * (z_k - lse[:, None] - rlogp - l_t[:, None])
-    g = torch.exp(z - lse[:, None]) * dense[:, None]
+        g = pi * (w + k * (l_t - kl))[:, None]
+        l_k = z.gather(1, ids) - lse[:, None] - rlogp
+        g = g.scatter_add(1, ids, k * pi_k * (l_k - l_t[:, None]))
     is_label = torch.arange(z.shape[1], device=z.device)[None, :] == y[:, None]
     g = g - torch.where(is_label, w[:, None], 0.0)
     if cap is not None:
         g = g * (1 - (z / cap) ** 2)
-        corr = corr * (1 - (z_k / cap) ** 2)
     out.copy_(g * scale if scale != 1.0 else g)
-    out.scatter_add_(1, ids, (corr * scale if scale != 1.0 else corr).to(out.dtype))
 
 
 # Compile only chunks this big (elements of [c, V]): the fused kernels are ~6x faster than eager on CPU there, while
