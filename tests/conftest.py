@@ -89,3 +89,20 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 @pytest.fixture
 def tiny_model(tokenizer):
     return build_model(tokenizer)
+
+
+def sigterm_once_logging(cmd: list[str], metrics, cwd=None, timeout: float = 120):
+    """Start `cmd` (a training command), send SIGTERM once it has written `metrics`; return (exit code, output)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "asft.cli", *cmd], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + timeout
+    while not metrics.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, output

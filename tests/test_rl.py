@@ -314,24 +314,17 @@ def test_a_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_mod
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir, problems, tmp_path):
     import os
     import signal
-    import subprocess
-    import sys
 
     from asft.trainer import last_checkpoint
+    from conftest import sigterm_once_logging
 
     (tmp_path / "rew.py").write_text("def length(prompts, completions, **kw):\n"
                                      "    return [len(c) % 7 / 7 for c in completions]\n")
     out = tmp_path / "rl"
     argv = rl_args(tiny_model_dir, problems, out, "--max_steps", "100000", "--save_strategy", "no",
                    "--reward_funcs", "rew:length")
-    proc = subprocess.Popen([sys.executable, "-m", "asft.cli", "rl", *argv], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, output
+    returncode, output = sigterm_once_logging(["rl", *argv], out / "metrics.jsonl", cwd=tmp_path)
+    assert returncode == 128 + signal.SIGTERM, output
     assert "Traceback" not in output and "--resume_from_checkpoint last" in output
     checkpoint = last_checkpoint(out)
     assert checkpoint is not None and (checkpoint / "model.safetensors").exists()

@@ -4,9 +4,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from safetensors.torch import load_file
 from asft import AnchoredSFTConfig, AnchoredSFTTrainer
 from asft.cli import main
 from asft.trainer import TrainingDivergedError, last_checkpoint
-from conftest import build_model
+from conftest import build_model, sigterm_once_logging
 from test_trainer import uneven_dataset
 
 
@@ -62,16 +59,10 @@ def test_resume_continues_the_same_run(tiny_model_dir, data_file, tmp_path, lora
 
 def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "asft.cli", *args_for(tiny_model_dir, data_file, out, "--max_steps", "100000",
-                                                       "--save_strategy", "no", "--mode", "sft")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, output
+    returncode, output = sigterm_once_logging(args_for(tiny_model_dir, data_file, out, "--max_steps", "100000",
+                                                       "--save_strategy", "no", "--mode", "sft"),
+                                              out / "metrics.jsonl")
+    assert returncode == 128 + signal.SIGTERM, output
     assert "Traceback" not in output and "--resume_from_checkpoint last" in output
     checkpoint = last_checkpoint(out)
     assert checkpoint is not None and (checkpoint / "model.safetensors").exists()

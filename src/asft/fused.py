@@ -91,18 +91,24 @@ def _finish(a: Tensor, scale: float, cap: float | None) -> Tensor:
     return a
 
 
-def _chunk_stats(a, ar, y, scale: float, cap, rscale: float, rcap, direction: str):
-    """Per-token terms of a chunk from raw policy / reference logits (ar None without a reference).
-
-    Returns (stats [5, c] = log pi(y), log rho(y), entropy, hit, kl; lse; ref lse). Entropy and KL use
-    sum(p) = 1 to avoid materialising log pi: -sum pi log pi = lse - sum pi z.
-    """
+def _policy_terms(a, y, scale: float, cap):
+    """The policy's side of a chunk: finished logits z, their lse, log pi(y), pi, entropy and argmax hits."""
     z = _finish(a.float(), scale, cap)
     lse = torch.logsumexp(z, -1)
     logp_y = z.gather(1, y[:, None]).squeeze(1) - lse
     pi = torch.exp(z - lse[:, None])
     entropy = lse - (pi * z).sum(-1)
     hit = (z.argmax(-1) == y).float()
+    return z, lse, logp_y, pi, entropy, hit
+
+
+def _chunk_stats(a, ar, y, scale: float, cap, rscale: float, rcap, direction: str):
+    """Per-token terms of a chunk from raw policy / reference logits (ar None without a reference).
+
+    Returns (stats [5, c] = log pi(y), log rho(y), entropy, hit, kl; lse; ref lse). Entropy and KL use
+    sum(p) = 1 to avoid materialising log pi: -sum pi log pi = lse - sum pi z.
+    """
+    z, lse, logp_y, pi, entropy, hit = _policy_terms(a, y, scale, cap)
     if ar is None:
         zero = torch.zeros_like(lse)
         return torch.stack([logp_y, zero, entropy, hit, zero]), lse, zero
@@ -144,12 +150,7 @@ def _cached_stats(a, y, ids, rlogp, rtail, rlabel, scale: float, cap, direction:
 
     Also returns log pi_T (the policy's log tail mass), which the gradient needs.
     """
-    z = _finish(a.float(), scale, cap)
-    lse = torch.logsumexp(z, -1)
-    logp_y = z.gather(1, y[:, None]).squeeze(1) - lse
-    pi = torch.exp(z - lse[:, None])
-    entropy = lse - (pi * z).sum(-1)
-    hit = (z.argmax(-1) == y).float()
+    z, lse, logp_y, pi, entropy, hit = _policy_terms(a, y, scale, cap)
     logp_k = z.gather(1, ids) - lse[:, None]
     has_tail = ids.shape[1] < z.shape[1]
     logpi_t = log_complement(z, ids) - lse if has_tail else torch.full_like(lse, float("-inf"))
