@@ -135,9 +135,7 @@ def _yaml_to_argv(path: str) -> list[str]:
 
 def parse_train_args(argv: list[str]):
     """Parse `asft train` arguments (YAML first, flags override) into (ScriptArguments, AnchoredSFTConfig)."""
-    argv = list(argv)
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        argv = _yaml_to_argv(argv[0]) + argv[1:]
+    argv = _argv_with_yaml(argv)
     _check_spellings(argv)
     parser = _parser()
     known = {a.split("=")[0] for action in parser._actions for a in action.option_strings}
@@ -393,13 +391,14 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
 
 
 def describe_run(trainer) -> None:
+    from .trainer import kl_phrase
+
     a = trainer.args
     if not trainer.is_world_process_zero():
         return
     line = f"Objective: {a.mode}"
     if a.mode in ("sft_kl", "asft"):
-        kl = "KL(reference || policy)" if a.kl_direction == "forward" else "KL(policy || reference)"
-        line += f" with kl_weight={a.kl_weight} x {kl} [{a.kl_direction}]"
+        line += f" with kl_weight={a.kl_weight} x {kl_phrase(a.kl_direction)} [{a.kl_direction}]"
     if a.mode == "iw_sft":
         line += f" with {a.iw_level}-level weights, iw_max={a.iw_max}"
     if a.monitor_kl and a.mode in ("sft", "dft"):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import UsageError, _yaml_to_argv, check_output_dir, resolve_resume
+from .cli import UsageError, _argv_with_yaml, check_output_dir, resolve_resume
 from .trainer import GracefulStopCallback, MetricsFileCallback, TrainingDivergedError, last_checkpoint
 
 ALGORITHMS = {
@@ -129,9 +129,7 @@ def parse_rl_args(argv: list[str]):
     import argparse
     import difflib
 
-    argv = list(argv)
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        argv = _yaml_to_argv(argv[0]) + argv[1:]
+    argv = _argv_with_yaml(argv)
     parser = _parser()
     known = {a.split("=")[0] for action in parser._actions for a in action.option_strings}
     unknown = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in known]

@@ -63,9 +63,7 @@ def truncate_metrics(path: Path, step: int) -> int:
         else:
             kept.append(line)
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        _write_text(path, "".join(kept))
     return dropped
 
 
@@ -110,10 +108,7 @@ def _run_description(args, model) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    tmp.replace(path)
+    _write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 class ProgressTermsCallback(TrainerCallback):
@@ -332,7 +327,7 @@ class AnchoredSFTTrainer(SFTTrainer):
         ref = {}
         if self.reference is not None:
             with self.accelerator.autocast():  # same precision as the policy's (wrapped) forward
-                ref = self.reference.loss_kwargs({**model_inputs, **inputs}, self.fused)
+                ref = self.reference.loss_kwargs(inputs, self.fused)
         if self.fused:
             loss_fn = fused_loss_fn(mode, labels, **ref, chunk_size=self.args.fused_chunk_size, **kwargs)
             loss, terms = model(**model_inputs, asft_loss_fn=loss_fn)
@@ -393,6 +388,10 @@ class AnchoredSFTTrainer(SFTTrainer):
         _write_text(Path(self.args.output_dir) / "README.md", model_card(self, model_name))
 
 
+def kl_phrase(direction: str) -> str:
+    return "KL(reference || policy)" if direction == "forward" else "KL(policy || reference)"
+
+
 def model_card(trainer, model_name=None) -> str:
     from . import __version__
     from .objectives import uses_kl
@@ -400,8 +399,7 @@ def model_card(trainer, model_name=None) -> str:
     a = trainer.args
     objective = f"`{a.mode}`"
     if uses_kl(a.mode):
-        kl = "KL(reference || policy)" if a.kl_direction == "forward" else "KL(policy || reference)"
-        objective += f", kl_weight {a.kl_weight}, {kl} ({a.kl_direction})"
+        objective += f", kl_weight {a.kl_weight}, {kl_phrase(a.kl_direction)} ({a.kl_direction})"
     if a.mode == "iw_sft":
         objective += f", {a.iw_level}-level weights, iw_max {a.iw_max}"
     base = trainer.base_model_name or "unknown"
@@ -419,10 +417,11 @@ def model_card(trainer, model_name=None) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Replace `path` atomically (asft.data.atomic_path): a kill never leaves half a file."""
+    from .data import atomic_path
+
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(text)
 
 
 def _has_plain_head(causal_lm) -> bool:
