@@ -138,6 +138,27 @@ def test_bucketed_kl_and_gradient_equal_an_independent_implementation(k, directi
             close(g.double(), ref)
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_the_fused_cached_gradient_follows_a_logit_scale_and_softcap(direction):
+    # The fused cached kernels handle the top-k entries apart from the rest of the vocabulary (the tail's
+    # log-sum-exp, the gradient's correction on K): both must see the finished logits cap * tanh(scale * a / cap).
+    h, y, rows, head, ref_logits = batch(seed=3)
+    cached, scale, cap = reference_rows(ref_logits, y, 7), 0.7, 2.5
+    hh, w, b = (t.detach().double().requires_grad_() for t in (h, head.weight, head.bias))
+    logits = torch.tanh((hh @ w.t() + b) * scale / cap) * cap
+    logp_y = logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+    want = (-logp_y.detach().exp() * logp_y + 0.4 * independent_bucketed(logits, cached, direction)).sum() / 29
+    want.backward()
+    h2, w2, b2 = (t.detach().clone().requires_grad_() for t in (h, head.weight, head.bias))
+    loss, _ = fused_loss_selected("asft", h2, y, rows, LMHead(w2, b2, logit_scale=scale, softcap=cap),
+                                  ref_cache=cached, chunk_size=5, kl_weight=0.4, kl_direction=direction,
+                                  num_items_in_batch=29)
+    loss.backward()
+    close(loss.double(), want.detach())
+    for g, ref in zip((h2.grad, w2.grad, b2.grad), (hh.grad, w.grad, b.grad)):
+        close(g.double(), ref)
+
+
 def test_iw_sft_uses_the_stored_label_log_prob_exactly():
     h, y, rows, head, ref_logits = batch()
     cached = reference_rows(ref_logits, y, 4)  # a small k: the labels are mostly outside the top-k

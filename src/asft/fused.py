@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .objectives import CachedRows, check_arguments, log_complement, select_response, token_weights, uses_kl
+from .objectives import CachedRows, check_arguments, kl_over_buckets, select_response, token_weights, uses_kl
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,11 @@ def _chunk_grad(a, ar, y, w, lse, lser, kl, k: float, scale: float, cap, rscale:
     else:
         zr = _finish(ar.float(), rscale, rcap)
         g = pi * (w[:, None] + k * (z - zr - (lse - lser + kl)[:, None]))
+    _write_grad(g, z, y, w, scale, cap, out)
+
+
+def _write_grad(g, z, y, w, scale: float, cap, out) -> None:
+    """out = (g - w onehot(y)) * d(finished logits)/d(raw logits): the CE's label term, the soft-cap and the scale."""
     # A compare with an iota rather than a scatter: stays one elementwise pass once compiled.
     is_label = torch.arange(z.shape[1], device=z.device)[None, :] == y[:, None]
     g = g - torch.where(is_label, w[:, None], 0.0)
@@ -145,51 +150,62 @@ def _chunk_grad(a, ar, y, w, lse, lser, kl, k: float, scale: float, cap, rscale:
     out.copy_(g * scale if scale != 1.0 else g)
 
 
-def _cached_stats(a, y, ids, rlogp, rtail, rlabel, scale: float, cap, direction: str):
-    """`_chunk_stats` against a cached reference: the bucketed KL (objectives.bucketed_kl) instead of the full one.
-
-    Also returns log pi_T (the policy's log tail mass), which the gradient needs.
-    """
-    z, lse, logp_y, pi, entropy, hit = _policy_terms(a, y, scale, cap)
-    logp_k = z.gather(1, ids) - lse[:, None]
-    has_tail = ids.shape[1] < z.shape[1]
-    logpi_t = log_complement(z, ids) - lse if has_tail else torch.full_like(lse, float("-inf"))
-    if direction == "forward":
-        kl = (rlogp.exp() * (rlogp - logp_k)).sum(-1)
-        if has_tail:
-            rho_t = rtail.exp()
-            kl = kl + torch.where(rho_t > 0, rho_t * (rtail - logpi_t), 0.0)
-    else:
-        kl = (logp_k.exp() * (logp_k - rlogp)).sum(-1)
-        if has_tail:
-            pi_t = logpi_t.exp()
-            kl = kl + torch.where(pi_t > 0, pi_t * (logpi_t - rtail), 0.0)
-    return torch.stack([logp_y, rlabel, entropy, hit, kl]), lse, logpi_t
-
-
-def _cached_grad(a, y, w, lse, logpi_t, kl, ids, rlogp, rtail, k: float, scale: float, cap, direction: str, out):
-    """`_chunk_grad` against a cached reference: the closed-form gradient of the bucketed KL (module docstring)."""
+def _masked_lse(a, scale: float, cap):
+    """log-sum-exp of the finished logits, entries where the raw logits are -inf left out (the cached path's
+    complement: the caller writes -inf over the top-k in place, so no masked [c, V] copy is ever made)."""
     z = _finish(a.float(), scale, cap)
-    pi = torch.exp(z - lse[:, None])
-    has_tail = ids.shape[1] < z.shape[1]
-    pi_k = pi.gather(1, ids)
+    return torch.where(a == float("-inf"), float("-inf"), z).logsumexp(-1)
+
+
+def _dense_grad(a, y, coef, w, lse, scale: float, cap, out):
+    """out = d/d(raw logits) of a chunk's gradient pi * coef - w onehot(y): every vocabulary entry's share of the
+    cached gradient; `_cached_grad` adds the top-k entries' correction after."""
+    z = _finish(a.float(), scale, cap)
+    _write_grad(torch.exp(z - lse[:, None]) * coef[:, None], z, y, w, scale, cap, out)
+
+
+def _cached_stats(a, y, c: CachedRows, scale: float, cap, direction: str):
+    """`_chunk_stats` against a cached reference: the bucketed KL (objectives.kl_over_buckets) instead of the full
+    one. Also returns log pi_T (the policy's log tail mass), which the gradient needs.
+
+    The tail's log-sum-exp runs over `a` itself with -inf written over the top-k entries, which are put back
+    after (bit for bit): `a` leaves as it came, and no [c, V] buffer beyond the logits' own is needed.
+    """
+    stats, lse, _ = KERNELS.call(0, a, None, y, scale, cap, 1.0, None, direction)
+    a_k = a.gather(1, c.ids)
+    logp_k = _finish(a_k.float(), scale, cap) - lse[:, None]
+    logpi_t = None
+    if c.ids.shape[1] < a.shape[1]:
+        a.scatter_(1, c.ids, float("-inf"))
+        try:
+            logpi_t = KERNELS.call(2, a, scale, cap) - lse
+        finally:
+            a.scatter_(1, c.ids, a_k)
+    stats[1], stats[4] = c.label, kl_over_buckets(logp_k, logpi_t, c.logp, c.tail, direction)
+    return stats, lse, torch.full_like(lse, float("-inf")) if logpi_t is None else logpi_t
+
+
+def _cached_grad(a, y, w, lse, logpi_t, kl, c: CachedRows, k: float, scale: float, cap, direction: str, out):
+    """`_chunk_grad` against a cached reference: the closed-form gradient of the bucketed KL (module docstring),
+    as a dense part for every entry (one pass into `out`, which may be `a`) plus a correction on the top-k."""
+    z_k = _finish(a.gather(1, c.ids).float(), scale, cap)  # before `out` overwrites `a`
+    pi_k = torch.exp(z_k - lse[:, None])
+    has_tail = c.ids.shape[1] < a.shape[1]
     if direction == "forward":
         # Every j: pi_j (w + k) - k rho_T pi_j / pi_T; then on K: + k rho_T pi_j / pi_T - k rho_j.
-        ratio = torch.where(rtail > float("-inf"), torch.exp(rtail - logpi_t), 0.0) if has_tail else \
+        ratio = torch.where(c.tail > float("-inf"), torch.exp(c.tail - logpi_t), 0.0) if has_tail else \
             torch.zeros_like(lse)
-        g = pi * (w + k - k * ratio)[:, None]
-        g = g.scatter_add(1, ids, k * (pi_k * ratio[:, None] - rlogp.exp()))
+        coef = w + k - k * ratio
+        fix = k * (pi_k * ratio[:, None] - c.logp.exp())
     else:
         # Every j: pi_j (w + k (L_T - KL)); then on K: + k pi_j (L_j - L_T). L_T is 0 when there is no tail.
-        l_t = logpi_t - rtail if has_tail else torch.zeros_like(lse)
-        g = pi * (w + k * (l_t - kl))[:, None]
-        l_k = z.gather(1, ids) - lse[:, None] - rlogp
-        g = g.scatter_add(1, ids, k * pi_k * (l_k - l_t[:, None]))
-    is_label = torch.arange(z.shape[1], device=z.device)[None, :] == y[:, None]
-    g = g - torch.where(is_label, w[:, None], 0.0)
+        l_t = logpi_t - c.tail if has_tail else torch.zeros_like(lse)
+        coef = w + k * (l_t - kl)
+        fix = k * pi_k * (z_k - lse[:, None] - c.logp - l_t[:, None])
+    KERNELS.call(3, a, y, coef, w, lse, scale, cap, out)
     if cap is not None:
-        g = g * (1 - (z / cap) ** 2)
-    out.copy_(g * scale if scale != 1.0 else g)
+        fix = fix * (1 - (z_k / cap) ** 2)
+    out.scatter_add_(1, c.ids, fix * scale if scale != 1.0 else fix)
 
 
 # Compile only chunks this big (elements of [c, V]): the fused kernels are ~6x faster than eager on CPU there, while
@@ -200,7 +216,7 @@ COMPILE_MIN_ELEMENTS = 1 << 22
 class _Kernels:
     """The chunk functions, through torch.compile where it works (ASFT_COMPILE=0 turns it off), else eager."""
 
-    FUNCTIONS = (_chunk_stats, _chunk_grad, _cached_stats, _cached_grad)
+    FUNCTIONS = (_chunk_stats, _chunk_grad, _masked_lse, _dense_grad)
 
     def __init__(self):
         self.compiled = None  # None: not tried yet; False: eager for good
@@ -305,18 +321,15 @@ def _run(mode, h, w_head, b_head, rh, rw_head, rb_head, y, rows, opt, cached=Non
 
     def chunk_stats(s, e, a, ar):
         if cached is not None:  # lses[1] holds log pi_T here, what the cached gradient needs
-            c = cached[s:e]
-            stats[:5, s:e], lses[0, s:e], lses[1, s:e] = KERNELS.call(
-                2, a, y[s:e], c.ids, c.logp, c.tail, c.label, scale, cap, direction)
+            stats[:5, s:e], lses[0, s:e], lses[1, s:e] = _cached_stats(a, y[s:e], cached[s:e], scale, cap, direction)
         else:
             stats[:5, s:e], lses[0, s:e], lses[1, s:e] = KERNELS.call(
                 0, a, ar, y[s:e], scale, cap, rscale, rcap, direction)
 
     def chunk_grad(s, e, a, ar, g):
         if cached is not None and kl_in_grad:
-            c = cached[s:e]
-            KERNELS.call(3, a, y[s:e], stats[5, s:e], lses[0, s:e], lses[1, s:e], stats[4, s:e], c.ids, c.logp,
-                         c.tail, k, scale, cap, direction, g)
+            _cached_grad(a, y[s:e], stats[5, s:e], lses[0, s:e], lses[1, s:e], stats[4, s:e], cached[s:e], k, scale,
+                         cap, direction, g)
         else:
             KERNELS.call(1, a, ar if kl_in_grad else None, y[s:e], stats[5, s:e], lses[0, s:e], lses[1, s:e],
                          stats[4, s:e], k, scale, cap, rscale, rcap, direction, g)

@@ -125,19 +125,20 @@ def bucketed_kl(logp: Tensor, cached: CachedRows, direction: str = "forward") ->
     `asft.fused` forms the same gradient in closed form.
     """
     logp_k = logp.gather(-1, cached.ids)
-    logrho_k, logrho_t = cached.logp, cached.tail
-    k, vocab = cached.ids.shape[-1], logp.shape[-1]
+    logpi_t = log_complement(logp, cached.ids) if cached.ids.shape[-1] < logp.shape[-1] else None
+    return kl_over_buckets(logp_k, logpi_t, cached.logp, cached.tail, direction)
+
+
+def kl_over_buckets(logp_k: Tensor, logpi_t: Tensor | None, logrho_k: Tensor, logrho_t: Tensor,
+                    direction: str = "forward") -> Tensor:
+    """The bucketed KL from both sides' log-probabilities on K [n, k] and of the tail [n] (logpi_t None: no tail
+    bucket, k = V). The one place its formula lives; `bucketed_kl` and `asft.fused` both call it."""
     if direction == "forward":
         kl = (logrho_k.exp() * (logrho_k - logp_k)).sum(-1)
-        if k < vocab:  # the tail bucket (empty when k = V)
-            kl = kl + _xlogy_diff(logrho_t.exp(), logrho_t, log_complement(logp, cached.ids))
-        return kl
+        return kl if logpi_t is None else kl + _xlogy_diff(logrho_t.exp(), logrho_t, logpi_t)
     if direction == "reverse":
         kl = (logp_k.exp() * (logp_k - logrho_k)).sum(-1)
-        if k < vocab:
-            logpi_t = log_complement(logp, cached.ids)
-            kl = kl + _xlogy_diff(logpi_t.exp(), logpi_t, logrho_t)
-        return kl
+        return kl if logpi_t is None else kl + _xlogy_diff(logpi_t.exp(), logpi_t, logrho_t)
     raise ValueError(f"kl_direction: unknown value {direction!r}; expected 'forward' or 'reverse'")
 
 
