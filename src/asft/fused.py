@@ -127,15 +127,14 @@ def _chunk_grad(a, ar, y, w, lse, lser, kl, k: float, scale: float, cap, rscale:
 
     `out` may be `a` itself: each element is read before it is written, so compiled it costs no extra [c, V] buffer.
     """
+    if ar is None or k == 0:
+        return _dense_grad(a, y, w, w, lse, scale, cap, out)
     z = _finish(a.float(), scale, cap)
     pi = torch.exp(z - lse[:, None])
-    if ar is None or k == 0:
-        g = pi * w[:, None]
-    elif direction == "forward":
-        zr = _finish(ar.float(), rscale, rcap)
+    zr = _finish(ar.float(), rscale, rcap)
+    if direction == "forward":
         g = pi * (w + k)[:, None] - k * torch.exp(zr - lser[:, None])
     else:
-        zr = _finish(ar.float(), rscale, rcap)
         g = pi * (w[:, None] + k * (z - zr - (lse - lser + kl)[:, None]))
     _write_grad(g, z, y, w, scale, cap, out)
 
@@ -158,8 +157,8 @@ def _masked_lse(a, scale: float, cap):
 
 
 def _dense_grad(a, y, coef, w, lse, scale: float, cap, out):
-    """out = d/d(raw logits) of a chunk's gradient pi * coef - w onehot(y): every vocabulary entry's share of the
-    cached gradient; `_cached_grad` adds the top-k entries' correction after."""
+    """out = d/d(raw logits) of a chunk's gradient pi * coef - w onehot(y): the whole gradient without a KL
+    (coef = w), and every vocabulary entry's share of the cached one (`_cached_grad` adds the top-k's after)."""
     z = _finish(a.float(), scale, cap)
     _write_grad(torch.exp(z - lse[:, None]) * coef[:, None], z, y, w, scale, cap, out)
 
