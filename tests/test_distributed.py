@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -147,10 +148,21 @@ print(f"rank {rank}: FSDP2 gradients equal", flush=True)
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(taken: set[int] = set()) -> int:  # noqa: B006 (the ports handed out in this session)
+    """A port free now, below the kernel's ephemeral range (32768 and up here): a port the kernel hands out (bind
+    to 0) can be handed out again, to another launch or to one of gloo's own connections, before the launcher
+    that was given it binds it, seconds later."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in taken:
+            taken.add(port)
+            return port
 
 
 def _bin(name: str) -> str:
