@@ -148,21 +148,21 @@ print(f"rank {rank}: FSDP2 gradients equal", flush=True)
 '''
 
 
-def _free_port(taken: set[int] = set()) -> int:  # noqa: B006 (the ports handed out in this session)
-    """A port free now, below the kernel's ephemeral range (32768 and up here): a port the kernel hands out (bind
-    to 0) can be handed out again, to another launch or to one of gloo's own connections, before the launcher
-    that was given it binds it, seconds later."""
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 32000)
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free now, below the kernel's ephemeral range (32768 and up here): a port the kernel hands
+    out (bind to 0) can be handed out again, to another launch or to one of gloo's own connections, before the
+    launcher that was given it binds it, seconds later."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randrange(20000, 32000)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        if port not in taken:
-            taken.add(port)
-            return port
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _bin(name: str) -> str:
@@ -214,13 +214,14 @@ def runs(tmp_path_factory, tiny_model_dir):
         return json.dumps(runs)
 
     worker = str(root / "worker.py")
+    ddp_port, zero3_port = _free_ports(2)
     commands = {
         "single": ([sys.executable, worker, args_json("single", 4)], env),
         "ddp": ([_bin("accelerate"), "launch", "--config_file", resolve_preset("ddp", "accelerate"),
-                 "--num_processes", "2", "--main_process_port", str(_free_port()), worker, args_json("ddp", 2)],
+                 "--num_processes", "2", "--main_process_port", str(ddp_port), worker, args_json("ddp", 2)],
                 {**env, "ASFT_TEST_FSDP_CHECK": str(root / "fsdp_check.py"),
                  "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])}),
-        "zero3": ([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), worker,
+        "zero3": ([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(zero3_port), worker,
                    args_json("zero3", 2).replace('"--use_cpu", "true"',
                                                  '"--use_cpu", "true", "--deepspeed_config", "ds_zero3_bf16"')],
                   {**env, "ASFT_TEST_DEEPSPEED_CPU": "1"}),
