@@ -40,17 +40,31 @@ MAX_LEN = 256
 def trainer_for(mode, data_ds, tokenizer, model, out, steps, lr, cache=None):
     from asft import AnchoredSFTConfig, AnchoredSFTTrainer
 
-    args = AnchoredSFTConfig(output_dir=out, mode=mode, per_device_train_batch_size=4, max_steps=steps,
-                             learning_rate=lr, lr_scheduler_type="constant", report_to="none", save_strategy="no",
-                             disable_tqdm=True, logging_steps=1, use_cpu=True, seed=0, max_length=MAX_LEN,
-                             kl_weight=0.03, reference_cache=cache)
+    args = AnchoredSFTConfig(
+        output_dir=out,
+        mode=mode,
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+        max_length=MAX_LEN,
+        kl_weight=0.03,
+        reference_cache=cache,
+    )
     return AnchoredSFTTrainer(model, args=args, train_dataset=data_ds, processing_class=tokenizer)
 
 
 def padded(rows, pad_id):
-    from asft.cache import _pad
+    from asft.data import right_pad
 
-    return _pad({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}, pad_id, "cpu")
+    batch = right_pad([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], pad_id, "cpu")
+    return batch["input_ids"], batch["labels"], batch["attention_mask"]
 
 
 def selected_logits(model, ids, labels, mask, grad=False):
@@ -64,7 +78,7 @@ def selected_logits(model, ids, labels, mask, grad=False):
 
 def stored(rows, dtype):
     """Rows as the cache stores them: the top-k log-probs rounded to the storage dtype, the rest float32."""
-    from asft.cache import _from_store, _to_store
+    from asft.cache.store import _from_store, _to_store
     from asft.objectives import CachedRows
 
     return CachedRows(rows.ids, _from_store(_to_store(rows.logp, dtype), dtype), rows.tail, rows.label)
@@ -88,12 +102,21 @@ def fidelity_table(policy, reference, eval_rows, pad_id, ks, dtypes, default_k, 
         rows = stored(reference_rows(ref_z, y, k), dtype)
         kl = bucketed_kl(logp, rows).mean()
         g = torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(kl, params, retain_graph=True)])
-        table.append({"k": k, "dtype": dtype, "kl_rel_err": abs(float(kl) - float(exact)) / float(exact),
-                      "grad_cos": float(torch.nn.functional.cosine_similarity(g, g_exact, dim=0)),
-                      "tail": float(rows.tail.exp().mean()),
-                      "bytes": k * (id_bytes + torch.finfo(getattr(torch, dtype)).bits // 8) + 8})
-        print(f"  k={k:4d} {dtype:8s}: kl_rel_err {table[-1]['kl_rel_err']:.4f} grad_cos "
-              f"{table[-1]['grad_cos']:.5f} tail {table[-1]['tail']:.4f}", flush=True)
+        table.append(
+            {
+                "k": k,
+                "dtype": dtype,
+                "kl_rel_err": abs(float(kl) - float(exact)) / float(exact),
+                "grad_cos": float(torch.nn.functional.cosine_similarity(g, g_exact, dim=0)),
+                "tail": float(rows.tail.exp().mean()),
+                "bytes": k * (id_bytes + torch.finfo(getattr(torch, dtype)).bits // 8) + 8,
+            }
+        )
+        print(
+            f"  k={k:4d} {dtype:8s}: kl_rel_err {table[-1]['kl_rel_err']:.4f} grad_cos "
+            f"{table[-1]['grad_cos']:.5f} tail {table[-1]['tail']:.4f}",
+            flush=True,
+        )
     return float(exact), table
 
 
@@ -105,8 +128,10 @@ def evaluate(model, reference, eval_rows, pad_id):
     ref_z, y = selected_logits(reference, ids, labels, mask)
     z, _ = selected_logits(model, ids, labels, mask)
     logp = z.log_softmax(-1)
-    return {"kl": float(kl_from_logprobs(logp, ref_z.log_softmax(-1)).mean()),
-            "nll": float(-logp.gather(-1, y[:, None]).mean())}
+    return {
+        "kl": float(kl_from_logprobs(logp, ref_z.log_softmax(-1)).mean()),
+        "nll": float(-logp.gather(-1, y[:, None]).mean()),
+    }
 
 
 def throughput(model_path, data, tokenizer, k, dtype, tmp, batch_size=8):
@@ -120,19 +145,29 @@ def throughput(model_path, data, tokenizer, k, dtype, tmp, batch_size=8):
     model = load_model(model_path).eval().requires_grad_(False)
     dataset = build_dataset(data, tokenizer, template="chat", max_length=MAX_LEN, origin=True, log=lambda *_: None)
     tokens = sum(len(x) for x in dataset["input_ids"])
-    plan = build_plan(dataset, tokenizer=tokenizer, reference={"path": MODEL, "fingerprint": model_fingerprint(model),
-                                                               "dtype": "float32"},
-                      template="chat", max_length=MAX_LEN, data=[data], top_k=k, dtype=dtype,
-                      vocab_size=model.config.vocab_size, shard_size=1024, backend="hf")
+    plan = build_plan(
+        dataset,
+        tokenizer=tokenizer,
+        reference={"path": MODEL, "fingerprint": model_fingerprint(model), "dtype": "float32"},
+        template="chat",
+        max_length=MAX_LEN,
+        data=[data],
+        top_k=k,
+        dtype=dtype,
+        vocab_size=model.config.vocab_size,
+        shard_size=1024,
+        backend="hf",
+    )
     scorer = HFScorer(model, tokenizer.pad_token_id)
     rates = {"forward": [], "build": []}
     for rep in range(2):
         start = time.perf_counter()
         with torch.inference_mode():
             for s in range(0, len(dataset), batch_size):
-                ids, _, mask = padded([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))],
-                                      tokenizer.pad_token_id)
-                model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                ids, _, mask = padded(
+                    [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))], tokenizer.pad_token_id
+                )
+                _ = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         rates["forward"].append(tokens / (time.perf_counter() - start))
         out = prepare_output(os.path.join(tmp, f"cache-{rep}"), plan)
         start = time.perf_counter()
@@ -154,10 +189,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the dft and asft runs")
     args = p.parse_args()
 
-    from reasoning_task import write_task
-
     from asft.data import build_dataset
     from asft.models import load_model, load_tokenizer, resolve_model_path
+    from reasoning_task import write_task
 
     torch.manual_seed(0)
     path = resolve_model_path(MODEL)
@@ -167,15 +201,18 @@ def main() -> None:
         lines = paths["train"].read_text().splitlines(keepends=True)
         train, held = Path(tmp) / "train.jsonl", Path(tmp) / "held.jsonl"
         train.write_text("".join(lines[: args.train_examples]))
-        held.write_text("".join(lines[args.train_examples:]))
+        held.write_text("".join(lines[args.train_examples :]))
         quiet = lambda *_: None  # noqa: E731
         train_ds = build_dataset(str(train), tokenizer, template="chat", max_length=MAX_LEN, log=quiet)
         held_rows = list(build_dataset(str(held), tokenizer, template="chat", max_length=MAX_LEN, log=quiet))
         reference = load_model(path).eval().requires_grad_(False)
         vocab = reference.config.vocab_size
         n_tokens = sum(len(x) for x in train_ds["input_ids"])
-        print(f"SmolLM2-135M-Instruct, float32, {len(train_ds)} training examples ({n_tokens} tokens), "
-              f"{len(held_rows)} held; {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"SmolLM2-135M-Instruct, float32, {len(train_ds)} training examples ({n_tokens} tokens), "
+            f"{len(held_rows)} held; {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
 
         # 2. A policy moved away from the reference by dft.
         policy = load_model(path).train()
@@ -186,8 +223,9 @@ def main() -> None:
         print(f"fidelity on the held examples, policy after {args.dft_steps} dft steps (lr {args.lr}):", flush=True)
         ks = [int(k) for k in args.k.split(",")]
         dtypes = [args.dtype] + [d for d in ("float16", "bfloat16", "float32") if d != args.dtype]
-        exact, table = fidelity_table(policy, reference, held_rows, tokenizer.pad_token_id, ks, dtypes,
-                                      args.default_k, vocab)
+        exact, table = fidelity_table(
+            policy, reference, held_rows, tokenizer.pad_token_id, ks, dtypes, args.default_k, vocab
+        )
         del policy
 
         # 5 (first: it builds the cache the cached run reads). Throughput.
@@ -198,8 +236,16 @@ def main() -> None:
         for name in ("online", "cached"):
             torch.manual_seed(0)
             model = load_model(path).train()
-            trainer = trainer_for("asft", train_ds, tokenizer, model, os.path.join(tmp, name), args.train_steps,
-                                  args.lr, cache if name == "cached" else None)
+            trainer = trainer_for(
+                "asft",
+                train_ds,
+                tokenizer,
+                model,
+                os.path.join(tmp, name),
+                args.train_steps,
+                args.lr,
+                cache if name == "cached" else None,
+            )
             trainer.train()
             final[name] = evaluate(model.eval(), reference, held_rows, tokenizer.pad_token_id)
             print(f"  asft {name}: final kl {final[name]['kl']:.5f}, nll {final[name]['nll']:.4f}", flush=True)
@@ -209,16 +255,20 @@ def main() -> None:
     print("| k | dtype | kl_rel_err | grad_cos | mean tail mass | bytes/token |")
     print("|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['k']} | {r['dtype']} | {r['kl_rel_err']:.4f} | {r['grad_cos']:.5f} | {r['tail']:.4f} | "
-              f"{r['bytes']} |")
+        print(
+            f"| {r['k']} | {r['dtype']} | {r['kl_rel_err']:.4f} | {r['grad_cos']:.5f} | {r['tail']:.4f} | "
+            f"{r['bytes']} |"
+        )
     print(f"\nasft {args.train_steps} steps (lr {args.lr}, kl_weight 0.03), final models on the held examples:")
     print("| run | kl | nll |\n|---|---|---|")
     for name, r in final.items():
         print(f"| {name} | {r['kl']:.5f} | {r['nll']:.4f} |")
     build, fwd = rates["build"], rates["forward"]
-    print(f"\ncache build (forward + top-k + write) {', '.join(f'{x:.0f}' for x in build)} tokens/s vs plain reference "
-          f"forward {', '.join(f'{x:.0f}' for x in fwd)} tokens/s (alternated): build/forward "
-          f"{max(build) / max(fwd):.2f} (best of each); load {os.getloadavg()[0]:.2f}")
+    print(
+        f"\ncache build (forward + top-k + write) {', '.join(f'{x:.0f}' for x in build)} tokens/s vs plain reference "
+        f"forward {', '.join(f'{x:.0f}' for x in fwd)} tokens/s (alternated): build/forward "
+        f"{max(build) / max(fwd):.2f} (best of each); load {os.getloadavg()[0]:.2f}"
+    )
     gap = max(abs(final["cached"][m] - final["online"][m]) / abs(final["online"][m]) for m in ("kl", "nll"))
     row = next(r for r in table if r["k"] == args.default_k and r["dtype"] == args.dtype)
     print(f"k={args.default_k} kl_rel_err={row['kl_rel_err']:.4f} grad_cos={row['grad_cos']:.5f} run_gap={gap:.4f}")

@@ -19,7 +19,8 @@ Memory: "extra peak" = the process's peak resident set during forward + backward
 every path must hold. The worker runs with MALLOC_MMAP_THRESHOLD_=1 MB, so tensors are mmap'd, freed memory
 leaves the resident set at once and RSS tracks live tensors. The fused path holds its weight gradient from the
 start, the naive one only at the end of backward: if the naive peak comes earlier, the subtraction understates its
-extra memory (the ratio errs in its favour). Time: the minimum over the repeats; other processes on the machine make single runs noisy, so the
+extra memory (the ratio errs in its favour). Time: the minimum over the repeats; other processes on the machine make
+single runs noisy, so the
 table also shows the 1-minute load average at the end of each worker (2 = this run alone on 2 cores).
 """
 
@@ -112,18 +113,37 @@ def main() -> None:
         return
 
     compile_on = os.environ.get("ASFT_COMPILE", "1") != "0"
-    print(f"tokens={a.tokens} rows={a.rows} hidden={a.hidden} float32 chunk_size={a.chunk_size} "
-          f"repeats={a.repeats} torch.compile={'on' if compile_on else 'off'} cpus={os.cpu_count()}", flush=True)
+    print(
+        f"tokens={a.tokens} rows={a.rows} hidden={a.hidden} float32 chunk_size={a.chunk_size} "
+        f"repeats={a.repeats} torch.compile={'on' if compile_on else 'off'} cpus={os.cpu_count()}",
+        flush=True,
+    )
     start = time.time()
     peak_ratios, time_ratios = [], []
     for vocab in map(int, a.vocabs.split(",")):
         print(f"\nvocab {vocab}")
-        print(f"{'mode':8} {'naive GB':>9} {'fused GB':>9} {'ratio':>7} {'naive s':>8} {'fused s':>8} {'ratio':>6}"
-              f" {'load':>5}")
+        print(
+            f"{'mode':8} {'naive GB':>9} {'fused GB':>9} {'ratio':>7} {'naive s':>8} {'fused s':>8} {'ratio':>6}"
+            f" {'load':>5}"
+        )
         for mode in a.modes.split(","):
-            cmd = [sys.executable, __file__, "--worker", mode, str(vocab), "--tokens", str(a.tokens),
-                   "--hidden", str(a.hidden), "--rows", str(a.rows), "--chunk-size", str(a.chunk_size),
-                   "--repeats", str(a.repeats)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                mode,
+                str(vocab),
+                "--tokens",
+                str(a.tokens),
+                "--hidden",
+                str(a.hidden),
+                "--rows",
+                str(a.rows),
+                "--chunk-size",
+                str(a.chunk_size),
+                "--repeats",
+                str(a.repeats),
+            ]
             # Tensors of 1 MB and more straight from mmap (glibc's default threshold floats up to 32 MB), so that
             # freed memory leaves the resident set and RSS tracks live tensors at small sizes too.
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
@@ -135,8 +155,11 @@ def main() -> None:
             tr = r["fused"]["time"] / r["naive"]["time"]
             peak_ratios.append(pr)
             time_ratios.append(tr)
-            print(f"{mode:8} {r['naive']['peak'] / 1e9:9.2f} {r['fused']['peak'] / 1e9:9.2f} {pr:7.1f} "
-                  f"{r['naive']['time']:8.1f} {r['fused']['time']:8.1f} {tr:6.2f} {r['load']:5.1f}", flush=True)
+            print(
+                f"{mode:8} {r['naive']['peak'] / 1e9:9.2f} {r['fused']['peak'] / 1e9:9.2f} {pr:7.1f} "
+                f"{r['naive']['time']:8.1f} {r['fused']['time']:8.1f} {tr:6.2f} {r['load']:5.1f}",
+                flush=True,
+            )
     print(f"\n(total {time.time() - start:.0f} s; ratios: peak naive/fused, time fused/naive)")
     print(f"peak_ratio={min(peak_ratios):.1f} time_ratio={max(time_ratios):.2f}")
 

@@ -35,8 +35,10 @@ import tempfile
 import threading
 import time
 
-WORDS = ("the patient presented with fever and cough after travel so the doctor ordered a chest x ray which "
-         "showed a small infiltrate in the lower lobe and treatment with antibiotics was started").split()
+WORDS = (
+    "the patient presented with fever and cough after travel so the doctor ordered a chest x ray which "
+    "showed a small infiltrate in the lower lobe and treatment with antibiotics was started"
+).split()
 
 
 def make_data(path: str, n: int = 64, seed: int = 0) -> None:
@@ -53,9 +55,22 @@ def make_data(path: str, n: int = 64, seed: int = 0) -> None:
 def build_cache(data: str, out: str, top_k: int) -> None:
     from asft.cli import main
 
-    argv = ["cache-reference", "--model_name_or_path", "embedded:smollm2-135m-instruct", "--data_path", data,
-            "--template", "alpaca", "--model_max_length", "256", "--top_k", str(top_k), "--output_dir", out,
-            "--disable_tqdm"]
+    argv = [
+        "cache-reference",
+        "--model_name_or_path",
+        "embedded:smollm2-135m-instruct",
+        "--data_path",
+        data,
+        "--template",
+        "alpaca",
+        "--model_max_length",
+        "256",
+        "--top_k",
+        str(top_k),
+        "--output_dir",
+        out,
+        "--disable_tqdm",
+    ]
     if main(argv) != 0:
         sys.exit("building the reference cache failed")
 
@@ -73,11 +88,28 @@ def make_trainer(mode: str, lora: bool, data: str, steps: int, impl: str, out: s
     dataset = build_dataset(data, tokenizer, template="alpaca", max_length=256, log=lambda *_: None)
     cached = mode == "cached"  # asft against the reference cache
     args = AnchoredSFTConfig(
-        output_dir=out, mode="asft" if cached else mode, per_device_train_batch_size=4, max_steps=steps,
-        learning_rate=1e-5, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000,
-        use_cpu=True, loss_implementation=impl, seed=0, max_length=256, reference_cache=cache if cached else None)
-    trainer = AnchoredSFTTrainer(load_model(path).train(), args=args, train_dataset=dataset,
-                                 processing_class=tokenizer, peft_config=lora_config(8, 16, 0.0) if lora else None)
+        output_dir=out,
+        mode="asft" if cached else mode,
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=1e-5,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1000,
+        use_cpu=True,
+        loss_implementation=impl,
+        seed=0,
+        max_length=256,
+        reference_cache=cache if cached else None,
+    )
+    trainer = AnchoredSFTTrainer(
+        load_model(path).train(),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(8, 16, 0.0) if lora else None,
+    )
     return trainer, sum(len(x) for x in dataset[:4]["input_ids"])
 
 
@@ -112,8 +144,10 @@ def timed_pair(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: 
                 turn.notify_all()
 
     with tempfile.TemporaryDirectory() as out:
-        trainers = [make_trainer(m, lora, data, n, impl, os.path.join(out, str(i)), cache)[0]
-                    for i, m in enumerate(("sft", mode))]
+        trainers = [
+            make_trainer(m, lora, data, n, impl, os.path.join(out, str(i)), cache)[0]
+            for i, m in enumerate(("sft", mode))
+        ]
         for i, trainer in enumerate(trainers):
             trainer.add_callback(Alternate(i))
 
@@ -132,7 +166,7 @@ def timed_pair(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: 
             t.join()
     if errors:
         raise errors[0]
-    base, other = times[0][warmup:warmup + steps], times[1][warmup:warmup + steps]
+    base, other = times[0][warmup : warmup + steps], times[1][warmup : warmup + steps]
     # Each mode step over the sft step next to it in the same ABBA pair.
     return {"sft_s": base, "mode_s": other, "ratios": [b / a for a, b in zip(base, other)]}
 
@@ -155,8 +189,12 @@ def subprocess_result(argv: list[str], what: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed steps of each trainer in a pair")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed first steps (allocation; compilation, again at the second batch shape)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed first steps (allocation; compilation, again at the second batch shape)",
+    )
     p.add_argument("--modes", default="sft,dft,sft_kl,asft,iw_sft,cached")
     p.add_argument("--top_k", type=int, default=64, help="k of the reference cache (mode cached)")
     p.add_argument("--loss_implementation", default="fused", choices=["fused", "naive"])
@@ -177,8 +215,14 @@ def main() -> None:
     modes = ["sft"] + [m for m in args.modes.split(",") if m != "sft"]
     if len(modes) == 1:
         p.error("--modes: name at least one mode besides sft")
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--loss_implementation",
-              args.loss_implementation]
+    common = [
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--loss_implementation",
+        args.loss_implementation,
+    ]
     memory, timing = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data.jsonl")
@@ -187,27 +231,37 @@ def main() -> None:
         if "cached" in modes:
             start = time.perf_counter()
             build_cache(data, cache, args.top_k)
-            print(f"  reference cache (top-{args.top_k}, float16) built in {time.perf_counter() - start:.1f} s "
-                  "(once, before timing; not part of any step)", flush=True)
+            print(
+                f"  reference cache (top-{args.top_k}, float16) built in {time.perf_counter() - start:.1f} s "
+                "(once, before timing; not part of any step)",
+                flush=True,
+            )
         for lora in (False, True):
             kind = "lora" if lora else "full"
             for mode in modes:
                 worker = ["--data", data, "--cache", cache] + common
-                memory[mode, lora] = subprocess_result(["--worker", "memory", mode, str(int(lora))] + worker,
-                                                       f"memory {mode} {kind}")
+                memory[mode, lora] = subprocess_result(
+                    ["--worker", "memory", mode, str(int(lora))] + worker, f"memory {mode} {kind}"
+                )
                 print(f"  {mode:7s} {kind}: peak {memory[mode, lora]['peak_gb']:.2f} GB", flush=True)
                 if mode == "sft":
                     continue
-                r = timing[mode, lora] = subprocess_result(["--worker", "time", mode, str(int(lora))] + worker,
-                                                           f"timing {mode} {kind}")
-                print(f"  {mode:7s} {kind}: steps {', '.join(f'{t:.2f}' for t in r['mode_s'])} s; paired sft "
-                      f"steps {', '.join(f'{t:.2f}' for t in r['sft_s'])} s", flush=True)
+                r = timing[mode, lora] = subprocess_result(
+                    ["--worker", "time", mode, str(int(lora))] + worker, f"timing {mode} {kind}"
+                )
+                print(
+                    f"  {mode:7s} {kind}: steps {', '.join(f'{t:.2f}' for t in r['mode_s'])} s; paired sft "
+                    f"steps {', '.join(f'{t:.2f}' for t in r['sft_s'])} s",
+                    flush=True,
+                )
 
     import torch
 
     tokens = memory["sft", False]["tokens"]
-    print(f"\nSmolLM2-135M-Instruct, float32, batch 4 x ~{tokens // 4} tokens, {torch.get_num_threads()} threads, "
-          f"loss {args.loss_implementation}; step time: median of {args.steps} steps, each mode paired with sft")
+    print(
+        f"\nSmolLM2-135M-Instruct, float32, batch 4 x ~{tokens // 4} tokens, {torch.get_num_threads()} threads, "
+        f"loss {args.loss_implementation}; step time: median of {args.steps} steps, each mode paired with sft"
+    )
     print("| mode | full: step s | x sft | peak GB | x sft | LoRA: step s | x sft | peak GB | x sft |")
     print("|---|---|---|---|---|---|---|---|---|")
     ratio = {}

@@ -22,10 +22,42 @@ from pathlib import Path
 # prompts carry it too, so the model is trained and evaluated on the same prompt.
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
-NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Kate", "Leo", "Mia",
-         "Noah", "Olive", "Paul", "Rosa", "Sam", "Tara", "Victor"]
-THINGS = ["apples", "marbles", "stickers", "books", "cookies", "pencils", "stamps", "shells", "cards", "coins",
-          "flowers", "balloons"]
+NAMES = [
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Dan",
+    "Emma",
+    "Finn",
+    "Grace",
+    "Hugo",
+    "Iris",
+    "Jack",
+    "Kate",
+    "Leo",
+    "Mia",
+    "Noah",
+    "Olive",
+    "Paul",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Victor",
+]
+THINGS = [
+    "apples",
+    "marbles",
+    "stickers",
+    "books",
+    "cookies",
+    "pencils",
+    "stamps",
+    "shells",
+    "cards",
+    "coins",
+    "flowers",
+    "balloons",
+]
 CONTAINERS = ["boxes", "bags", "baskets", "jars", "packs", "crates"]
 
 
@@ -75,8 +107,9 @@ def _write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def write_task(out_dir: str | Path, n_train: int = 400, n_test: int = 100, seed: int = 0,
-               n_train_eval: int = 100) -> dict[str, Path]:
+def write_task(
+    out_dir: str | Path, n_train: int = 400, n_test: int = 100, seed: int = 0, n_train_eval: int = 100
+) -> dict[str, Path]:
     """Write train.jsonl (instruction/response), test.jsonl and train_eval.jsonl (GSM8K format)."""
     out = Path(out_dir)
     train, test = make_split(n_train, n_test, seed)

@@ -49,32 +49,69 @@ MODEL = "embedded:smollm2-135m-instruct"
 
 # Generic instructions, far from arithmetic: the base model's own answers to them are the off-task set.
 OFF_TASK = [
-    "Give three tips for staying healthy.", "Describe the water cycle in simple terms.",
-    "Write a short poem about the sea.", "Explain what a computer virus is.",
-    "Suggest a name for a small bakery and say why.", "What are the benefits of reading books?",
-    "Write a polite email declining a meeting invitation.", "Explain the difference between weather and climate.",
-    "List some ways to reduce household waste.", "Describe a typical morning routine.",
-    "Why is sleep important for people?", "Write a two-sentence story about a lost key.",
-    "Explain how a bicycle works.", "What should someone pack for a weekend camping trip?",
-    "Give advice to a student starting at a new school.", "Describe the taste of a lemon to someone who never had one.",
-    "Explain what photosynthesis is.", "Write a thank-you note to a neighbour.",
-    "What are some good habits for working from home?", "Describe the city of Paris in a few sentences.",
-    "Explain why the sky looks blue.", "Suggest three hobbies for a rainy day.",
-    "How can someone become a better listener?", "Write a short product description for a wooden chair.",
-    "Explain what a library is for.", "Describe how to make a cup of tea.",
-    "What makes a good friend?", "Explain the rules of tic-tac-toe.",
-    "Give a short summary of why exercise matters.", "Describe autumn to a child.",
-    "Write a haiku about mountains.", "Explain what recycling means.",
+    "Give three tips for staying healthy.",
+    "Describe the water cycle in simple terms.",
+    "Write a short poem about the sea.",
+    "Explain what a computer virus is.",
+    "Suggest a name for a small bakery and say why.",
+    "What are the benefits of reading books?",
+    "Write a polite email declining a meeting invitation.",
+    "Explain the difference between weather and climate.",
+    "List some ways to reduce household waste.",
+    "Describe a typical morning routine.",
+    "Why is sleep important for people?",
+    "Write a two-sentence story about a lost key.",
+    "Explain how a bicycle works.",
+    "What should someone pack for a weekend camping trip?",
+    "Give advice to a student starting at a new school.",
+    "Describe the taste of a lemon to someone who never had one.",
+    "Explain what photosynthesis is.",
+    "Write a thank-you note to a neighbour.",
+    "What are some good habits for working from home?",
+    "Describe the city of Paris in a few sentences.",
+    "Explain why the sky looks blue.",
+    "Suggest three hobbies for a rainy day.",
+    "How can someone become a better listener?",
+    "Write a short product description for a wooden chair.",
+    "Explain what a library is for.",
+    "Describe how to make a cup of tea.",
+    "What makes a good friend?",
+    "Explain the rules of tic-tac-toe.",
+    "Give a short summary of why exercise matters.",
+    "Describe autumn to a child.",
+    "Write a haiku about mountains.",
+    "Explain what recycling means.",
 ]
 
 
 def settings(a) -> dict:
     if a.quick:
-        return dict(n_train=16, n_test=4, max_steps=2, batch=2, eval_steps=1, max_new_tokens=32, n_off_task=4,
-                    off_task_tokens=24, lr=a.learning_rate, kl_weight=a.kl_weight, seed=a.seed)
-    return dict(n_train=a.n_train, n_test=a.n_test, max_steps=a.max_steps, batch=a.batch_size,
-                eval_steps=a.eval_steps, max_new_tokens=a.max_new_tokens, n_off_task=len(OFF_TASK),
-                off_task_tokens=a.off_task_tokens, lr=a.learning_rate, kl_weight=a.kl_weight, seed=a.seed)
+        return dict(
+            n_train=16,
+            n_test=4,
+            max_steps=2,
+            batch=2,
+            eval_steps=1,
+            max_new_tokens=32,
+            n_off_task=4,
+            off_task_tokens=24,
+            lr=a.learning_rate,
+            kl_weight=a.kl_weight,
+            seed=a.seed,
+        )
+    return dict(
+        n_train=a.n_train,
+        n_test=a.n_test,
+        max_steps=a.max_steps,
+        batch=a.batch_size,
+        eval_steps=a.eval_steps,
+        max_new_tokens=a.max_new_tokens,
+        n_off_task=len(OFF_TASK),
+        off_task_tokens=a.off_task_tokens,
+        lr=a.learning_rate,
+        kl_weight=a.kl_weight,
+        seed=a.seed,
+    )
 
 
 def asft(*args: str) -> None:
@@ -101,21 +138,22 @@ def write_sets(task_dir: Path, base: str, s: dict) -> dict[str, Path]:
     write_jsonl(paths["test_pairs"], pairs)
     paths["offtask"] = task_dir / "offtask.jsonl"
     if not paths["offtask"].exists():
-        write_jsonl(paths["offtask"], base_answers(base, OFF_TASK[:s["n_off_task"]], s["off_task_tokens"]))
+        write_jsonl(paths["offtask"], base_answers(base, OFF_TASK[: s["n_off_task"]], s["off_task_tokens"]))
     return paths
 
 
 def base_answers(base: str, instructions: list[str], max_new_tokens: int) -> list[dict]:
     """The base model's greedy answers, generated with `asft eval`'s own prompt rendering and backend."""
-    from asft.evaluation.generation import (GenSettings, HFBackend, encode_prompt, load_model, render_prompt,
-                                            resolve_template)
+    from asft.data.templates import encode_prompt, render_prompt, resolve_template
+    from asft.evaluation.generation import GenSettings, HFBackend
+    from asft.models import load_model_and_tokenizer as load_model
 
     print(f"Generating the base model's answers to {len(instructions)} off-task instructions ...", flush=True)
     model, tokenizer = load_model(base, device="cpu")
     template = resolve_template("auto", tokenizer)
     backend, rows = HFBackend(model, tokenizer), []
     for start in range(0, len(instructions), 8):
-        batch = instructions[start:start + 8]
+        batch = instructions[start : start + 8]
         prompts = [encode_prompt(render_prompt(i, template, tokenizer), tokenizer) for i in batch]
         for instruction, [answer] in zip(batch, backend.generate(prompts, GenSettings(max_new_tokens=max_new_tokens))):
             if answer.strip():
@@ -125,15 +163,57 @@ def base_answers(base: str, instructions: list[str], max_new_tokens: int) -> lis
 
 def train(mode: str, base: str, paths: dict, out: Path, s: dict) -> float:
     """`asft train` in a child process (a fresh interpreter per mode: nothing carries over between runs)."""
-    argv = [sys.executable, "-m", "asft.cli", "train", "--model_name_or_path", base,
-            "--data_path", str(paths["train"]), "--output_dir", str(out), "--overwrite_output_dir",
-            "--mode", mode, "--kl_weight", str(s["kl_weight"]), "--monitor_kl", "true",
-            "--max_steps", str(s["max_steps"]), "--per_device_train_batch_size", str(s["batch"]),
-            "--learning_rate", str(s["lr"]), "--lr_scheduler_type", "cosine", "--warmup_steps", "2",
-            "--logging_steps", "1", "--save_strategy", "no", "--seed", str(s["seed"]), "--use_cpu", "true",
-            "--disable_tqdm", "true", "--report_to", "none",
-            "--eval_task", "math", "--eval_task_data", str(paths["test"]), "--eval_task_steps", str(s["eval_steps"]),
-            "--eval_task_max_new_tokens", str(s["max_new_tokens"]), "--eval_task_batch_size", "16"]
+    argv = [
+        sys.executable,
+        "-m",
+        "asft.cli",
+        "train",
+        "--model_name_or_path",
+        base,
+        "--data_path",
+        str(paths["train"]),
+        "--output_dir",
+        str(out),
+        "--overwrite_output_dir",
+        "--mode",
+        mode,
+        "--kl_weight",
+        str(s["kl_weight"]),
+        "--monitor_kl",
+        "true",
+        "--max_steps",
+        str(s["max_steps"]),
+        "--per_device_train_batch_size",
+        str(s["batch"]),
+        "--learning_rate",
+        str(s["lr"]),
+        "--lr_scheduler_type",
+        "cosine",
+        "--warmup_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--seed",
+        str(s["seed"]),
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+        "--report_to",
+        "none",
+        "--eval_task",
+        "math",
+        "--eval_task_data",
+        str(paths["test"]),
+        "--eval_task_steps",
+        str(s["eval_steps"]),
+        "--eval_task_max_new_tokens",
+        str(s["max_new_tokens"]),
+        "--eval_task_batch_size",
+        "16",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     print(f"\n=== {mode}: {s['max_steps']} steps x {s['batch']} examples ===", flush=True)
     start = time.time()
@@ -142,8 +222,21 @@ def train(mode: str, base: str, paths: dict, out: Path, s: dict) -> float:
 
 
 def drift(model: Path, base: str, data: Path, out: Path) -> dict:
-    asft("eval", "--task", "drift", "--model", str(model), "--base_model", base, "--data", str(data),
-         "--output_dir", str(out), "--overwrite", "--quiet")
+    asft(
+        "eval",
+        "--task",
+        "drift",
+        "--model",
+        str(model),
+        "--base_model",
+        base,
+        "--data",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--overwrite",
+        "--quiet",
+    )
     [r] = json.loads((out / "results.json").read_text())["datasets"].values()
     return {"kl": r["value"], "nll": r["nll"], "ref_nll": r["ref_nll"]}
 
@@ -159,9 +252,15 @@ def measure(mode: str, run: Path, base: str, paths: dict) -> dict:
     records = read_metrics(run / "metrics.jsonl")
     task = drift(run, base, paths["test_pairs"], run / "eval-drift-task")
     off = drift(run, base, paths["offtask"], run / "eval-drift-offtask")
-    return {"mode": mode, "accuracy": last(records, "math/test/accuracy"), "train_kl": last(records, "kl"),
-            "task_kl": task["kl"], "offtask_kl": off["kl"], "offtask_nll_increase": off["nll"] - off["ref_nll"],
-            "accuracy_by_step": {r["step"]: r["math/test/accuracy"] for r in records if "math/test/accuracy" in r}}
+    return {
+        "mode": mode,
+        "accuracy": last(records, "math/test/accuracy"),
+        "train_kl": last(records, "kl"),
+        "task_kl": task["kl"],
+        "offtask_kl": off["kl"],
+        "offtask_nll_increase": off["nll"] - off["ref_nll"],
+        "accuracy_by_step": {r["step"]: r["math/test/accuracy"] for r in records if "math/test/accuracy" in r},
+    }
 
 
 def fmt(v, spec=".4f") -> str:
@@ -186,8 +285,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="outputs/replicate")
     p.add_argument("--quick", action="store_true", help="smoke test: a few examples and steps (numbers mean nothing)")
-    p.add_argument("--reuse", action="store_true", help="keep runs already finished in output_dir with the same "
-                   "settings (after an interruption) instead of retraining them")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep runs already finished in output_dir with the same "
+        "settings (after an interruption) instead of retraining them",
+    )
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--n_train", type=int, default=256)
     p.add_argument("--n_test", type=int, default=64)
@@ -219,8 +322,23 @@ def main() -> int:
 
     base_eval = out / "base"
     if not (reuse and (base_eval / "results.json").exists()):
-        asft("eval", "--task", "math", "--model", base, "--data", str(paths["test"]), "--output_dir", str(base_eval),
-             "--max_new_tokens", str(s["max_new_tokens"]), "--batch_size", "16", "--overwrite", "--quiet")
+        asft(
+            "eval",
+            "--task",
+            "math",
+            "--model",
+            base,
+            "--data",
+            str(paths["test"]),
+            "--output_dir",
+            str(base_eval),
+            "--max_new_tokens",
+            str(s["max_new_tokens"]),
+            "--batch_size",
+            "16",
+            "--overwrite",
+            "--quiet",
+        )
     [base_result] = json.loads((base_eval / "results.json").read_text())["datasets"].values()
 
     rows, seconds = {}, {}
@@ -231,33 +349,75 @@ def main() -> int:
         rows[mode] = measure(mode, run, base, paths)
 
     report = out / "report"
-    asft("compare", *[str(out / "runs" / m) for m in modes], str(base_eval), "--output_dir", str(report),
-         "--metrics", "loss", "nll", "kl", "mean_prob", "math/test/accuracy")
-    asft("plot", *[str(out / "runs" / m) for m in modes], "--metrics", "math/test/accuracy", "kl",
-         "--output", str(report / "figure1.png"))
-    asft("plot", "--kind", "probs", MODEL, *[str(out / "runs" / m) for m in modes], "--data", str(paths["test_pairs"]),
-         "--output", str(report / "figure4_probs.png"))
-    (out / "replicate_results.json").write_text(json.dumps({"settings": s, "base_accuracy": base_result["value"],
-                                                           "rows": rows, "train_seconds": seconds}, indent=2))
+    asft(
+        "compare",
+        *[str(out / "runs" / m) for m in modes],
+        str(base_eval),
+        "--output_dir",
+        str(report),
+        "--metrics",
+        "loss",
+        "nll",
+        "kl",
+        "mean_prob",
+        "math/test/accuracy",
+    )
+    asft(
+        "plot",
+        *[str(out / "runs" / m) for m in modes],
+        "--metrics",
+        "math/test/accuracy",
+        "kl",
+        "--output",
+        str(report / "figure1.png"),
+    )
+    asft(
+        "plot",
+        "--kind",
+        "probs",
+        MODEL,
+        *[str(out / "runs" / m) for m in modes],
+        "--data",
+        str(paths["test_pairs"]),
+        "--output",
+        str(report / "figure4_probs.png"),
+    )
+    (out / "replicate_results.json").write_text(
+        json.dumps(
+            {"settings": s, "base_accuracy": base_result["value"], "rows": rows, "train_seconds": seconds}, indent=2
+        )
+    )
 
-    print(f"\nHeld-out problems: {s['n_test']}; training: {s['max_steps']} steps x {s['batch']} examples, lr "
-          f"{s['lr']}, kl_weight {s['kl_weight']}, seed {s['seed']}; base model accuracy {fmt(base_result['value'])}")
-    print("\n| mode | held-out accuracy | KL to base, task | KL to base, off-task | off-task NLL increase | "
-          "train kl (last step) | train s |")
+    print(
+        f"\nHeld-out problems: {s['n_test']}; training: {s['max_steps']} steps x {s['batch']} examples, lr "
+        f"{s['lr']}, kl_weight {s['kl_weight']}, seed {s['seed']}; base model accuracy {fmt(base_result['value'])}"
+    )
+    print(
+        "\n| mode | held-out accuracy | KL to base, task | KL to base, off-task | off-task NLL increase | "
+        "train kl (last step) | train s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for mode, r in rows.items():
-        print(f"| {mode} | {fmt(r['accuracy'])} | {fmt(r['task_kl'])} | {fmt(r['offtask_kl'])} | "
-              f"{fmt(r['offtask_nll_increase'])} | {fmt(r['train_kl'])} | {fmt(seconds.get(mode), '.0f')} |")
+        print(
+            f"| {mode} | {fmt(r['accuracy'])} | {fmt(r['task_kl'])} | {fmt(r['offtask_kl'])} | "
+            f"{fmt(r['offtask_nll_increase'])} | {fmt(r['train_kl'])} | {fmt(seconds.get(mode), '.0f')} |"
+        )
     print(f"\nReport: {report / 'report.md'}; figures: {report / 'figure1.png'}, {report / 'figure4_probs.png'}")
     print(f"Total time: {time.time() - start:.0f} s")
     c = claims(rows)
     a_, d_, s_ = rows.get("asft", {}), rows.get("dft", {}), rows.get("sft", {})
-    print(f"(a) DFT's KL to the base on the task set ({fmt(d_.get('task_kl'))}) >= 2 x ASFT's "
-          f"({fmt(a_.get('task_kl'))}): {c['claim_a']}")
-    print(f"(b) ASFT's held-out accuracy ({fmt(a_.get('accuracy'))}) >= DFT's ({fmt(d_.get('accuracy'))}) and "
-          f"SFT's ({fmt(s_.get('accuracy'))}): {c['claim_b']}")
-    print(f"(c) ASFT's off-task KL to the base ({fmt(a_.get('offtask_kl'))}) < DFT's ({fmt(d_.get('offtask_kl'))}): "
-          f"{c['claim_c']}")
+    print(
+        f"(a) DFT's KL to the base on the task set ({fmt(d_.get('task_kl'))}) >= 2 x ASFT's "
+        f"({fmt(a_.get('task_kl'))}): {c['claim_a']}"
+    )
+    print(
+        f"(b) ASFT's held-out accuracy ({fmt(a_.get('accuracy'))}) >= DFT's ({fmt(d_.get('accuracy'))}) and "
+        f"SFT's ({fmt(s_.get('accuracy'))}): {c['claim_b']}"
+    )
+    print(
+        f"(c) ASFT's off-task KL to the base ({fmt(a_.get('offtask_kl'))}) < DFT's ({fmt(d_.get('offtask_kl'))}): "
+        f"{c['claim_c']}"
+    )
     print(" ".join(f"{k}={v}" for k, v in c.items()))
     return 0
 

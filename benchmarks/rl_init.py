@@ -32,16 +32,43 @@ from reasoning_task import INSTRUCTION, write_task  # noqa: E402
 
 BASE = "embedded:smollm2-135m-instruct"
 
-FULL = dict(n_train=400, n_test=100, start_steps=20, start_batch=8, start_lr=5e-5, eval_n=50, eval_tokens=160,
-            rl_steps=8, rl_prompts=4, rl_generations=4, rl_tokens=160, rl_lr=1e-5)
-QUICK = dict(n_train=40, n_test=8, start_steps=2, start_batch=4, start_lr=5e-5, eval_n=8, eval_tokens=64,
-             rl_steps=2, rl_prompts=2, rl_generations=4, rl_tokens=48, rl_lr=1e-5)
+FULL = dict(
+    n_train=400,
+    n_test=100,
+    start_steps=20,
+    start_batch=8,
+    start_lr=5e-5,
+    eval_n=50,
+    eval_tokens=160,
+    rl_steps=8,
+    rl_prompts=4,
+    rl_generations=4,
+    rl_tokens=160,
+    rl_lr=1e-5,
+)
+QUICK = dict(
+    n_train=40,
+    n_test=8,
+    start_steps=2,
+    start_batch=4,
+    start_lr=5e-5,
+    eval_n=8,
+    eval_tokens=64,
+    rl_steps=2,
+    rl_prompts=2,
+    rl_generations=4,
+    rl_tokens=48,
+    rl_lr=1e-5,
+)
 
 
 def asft(*args: str) -> None:
     """Run the asft CLI of this checkout in a child process (each stage frees its memory)."""
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(HERE.parent / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     cmd = [sys.executable, "-m", "asft.cli", *args]
     print("$ asft " + " ".join(args), flush=True)
     subprocess.run(cmd, check=True, env=env)
@@ -78,19 +105,65 @@ def start_model(mode: str, args, cfg, train: Path) -> str:
             return str(folder)
     out = Path(args.output_dir) / "starts" / mode
     if not (out / "config.json").exists():
-        asft("train", "--model_name_or_path", BASE, "--data_path", str(train), "--mode", mode, "--output_dir",
-             str(out), "--overwrite_output_dir", "true", "--max_steps", str(cfg["start_steps"]),
-             "--per_device_train_batch_size", str(cfg["start_batch"]), "--learning_rate", str(cfg["start_lr"]),
-             "--lr_scheduler_type", "cosine", "--warmup_steps", "1", "--logging_steps", "1", "--save_strategy", "no",
-             "--use_cpu", "true", "--disable_tqdm", "true", "--seed", str(args.seed))
+        asft(
+            "train",
+            "--model_name_or_path",
+            BASE,
+            "--data_path",
+            str(train),
+            "--mode",
+            mode,
+            "--output_dir",
+            str(out),
+            "--overwrite_output_dir",
+            "true",
+            "--max_steps",
+            str(cfg["start_steps"]),
+            "--per_device_train_batch_size",
+            str(cfg["start_batch"]),
+            "--learning_rate",
+            str(cfg["start_lr"]),
+            "--lr_scheduler_type",
+            "cosine",
+            "--warmup_steps",
+            "1",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--use_cpu",
+            "true",
+            "--disable_tqdm",
+            "true",
+            "--seed",
+            str(args.seed),
+        )
     return str(out)
 
 
 def accuracy(model: str, test: Path, out: Path, cfg) -> float:
     if not (out / "results.json").exists():
-        asft("eval", "--model", model, "--task", "math", "--data", str(test), "--output_dir", str(out), "--limit",
-             str(cfg["eval_n"]), "--max_new_tokens", str(cfg["eval_tokens"]), "--batch_size", "16", "--device", "cpu",
-             "--quiet", "--overwrite")
+        asft(
+            "eval",
+            "--model",
+            model,
+            "--task",
+            "math",
+            "--data",
+            str(test),
+            "--output_dir",
+            str(out),
+            "--limit",
+            str(cfg["eval_n"]),
+            "--max_new_tokens",
+            str(cfg["eval_tokens"]),
+            "--batch_size",
+            "16",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--overwrite",
+        )
     report = json.loads((out / "results.json").read_text())
     return report["macro_average"]["value"]
 
@@ -98,12 +171,41 @@ def accuracy(model: str, test: Path, out: Path, cfg) -> float:
 def run_rl(model: str, problems: Path, out: Path, args, cfg) -> Path:
     if not (out / "config.json").exists() and not (out / "adapter_config.json").exists():
         batch = cfg["rl_prompts"] * cfg["rl_generations"]
-        asft("rl", "--model_name_or_path", model, "--data_path", str(problems), "--reward", "math", "--algorithm",
-             args.algorithm, "--output_dir", str(out), "--overwrite_output_dir", "true", "--max_steps",
-             str(cfg["rl_steps"]), "--per_device_train_batch_size", str(batch), "--num_generations",
-             str(cfg["rl_generations"]), "--max_completion_length", str(cfg["rl_tokens"]), "--learning_rate",
-             str(cfg["rl_lr"]), "--gradient_checkpointing", "false", "--save_strategy", "no", "--use_cpu", "true",
-             "--disable_tqdm", "true", "--seed", str(args.seed))
+        asft(
+            "rl",
+            "--model_name_or_path",
+            model,
+            "--data_path",
+            str(problems),
+            "--reward",
+            "math",
+            "--algorithm",
+            args.algorithm,
+            "--output_dir",
+            str(out),
+            "--overwrite_output_dir",
+            "true",
+            "--max_steps",
+            str(cfg["rl_steps"]),
+            "--per_device_train_batch_size",
+            str(batch),
+            "--num_generations",
+            str(cfg["rl_generations"]),
+            "--max_completion_length",
+            str(cfg["rl_tokens"]),
+            "--learning_rate",
+            str(cfg["rl_lr"]),
+            "--gradient_checkpointing",
+            "false",
+            "--save_strategy",
+            "no",
+            "--use_cpu",
+            "true",
+            "--disable_tqdm",
+            "true",
+            "--seed",
+            str(args.seed),
+        )
     return out / "metrics.jsonl"
 
 
@@ -116,13 +218,17 @@ def curve(metrics: Path) -> dict:
         xs = [x for x in xs if x is not None]
         return sum(xs) / len(xs) if xs else float("nan")
 
-    return {"steps": len(recs), "reward_first_half": mean(rewards[:half]), "reward_second_half": mean(rewards[half:]),
-            "train_accuracy": mean([r.get("accuracy") for r in recs]),
-            "no_signal_groups": mean([r.get("frac_reward_zero_std") for r in recs]),
-            "dropped_groups": mean([r.get("dynamic_sampling/dropped_groups_frac") for r in recs]),
-            "completion_length": mean([r.get("completions/mean_length") for r in recs]),
-            "kl_last": recs[-1].get("kl") if recs and recs[-1].get("kl") is not None else float("nan"),
-            "rewards": [round(x, 3) for x in rewards]}
+    return {
+        "steps": len(recs),
+        "reward_first_half": mean(rewards[:half]),
+        "reward_second_half": mean(rewards[half:]),
+        "train_accuracy": mean([r.get("accuracy") for r in recs]),
+        "no_signal_groups": mean([r.get("frac_reward_zero_std") for r in recs]),
+        "dropped_groups": mean([r.get("dynamic_sampling/dropped_groups_frac") for r in recs]),
+        "completion_length": mean([r.get("completions/mean_length") for r in recs]),
+        "kl_last": recs[-1].get("kl") if recs and recs[-1].get("kl") is not None else float("nan"),
+        "rewards": [round(x, 3) for x in rewards],
+    }
 
 
 def main() -> None:
@@ -132,8 +238,13 @@ def main() -> None:
     p.add_argument("--algorithm", default="dapo", choices=["dapo", "grpo", "dr_grpo"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny budget: an end-to-end smoke test")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help=f"override budget entries, e.g. --set rl_steps=12 eval_n=100 (keys: {', '.join(FULL)})")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override budget entries, e.g. --set rl_steps=12 eval_n=100 (keys: {', '.join(FULL)})",
+    )
     args = p.parse_args()
     if args.quick and args.output_dir == "outputs/rl_init":
         args.output_dir = "outputs/rl_init_quick"
@@ -169,18 +280,26 @@ def main() -> None:
         results[name] = {"before": before, "after": after, **curve(metrics), "minutes": (time.monotonic() - t0) / 60}
         print(f"[{name}] held-out accuracy {before:.3f} -> {after:.3f} after {args.algorithm}", flush=True)
 
-    print(f"\nHeld-out problems: {cfg['eval_n']} (greedy, {cfg['eval_tokens']} new tokens); RL: {cfg['rl_steps']} "
-          f"{args.algorithm} steps x {cfg['rl_prompts']} prompts x {cfg['rl_generations']} generations, lr "
-          f"{cfg['rl_lr']}, {cfg['rl_tokens']} completion tokens")
-    print("no-signal: groups whose total rewards are all equal (TRL's frac_reward_zero_std); dropped: groups "
-          "masked by dynamic sampling (correctness all equal); kl last: KL to the start at the last step")
-    print(f"{'start':6} {'acc before':>10} {'acc after':>10} {'reward 1st half':>15} {'reward 2nd half':>15} "
-          f"{'train acc':>9} {'no-signal':>9} {'dropped':>7} {'kl last':>8} {'len':>6} {'min':>5}")
+    print(
+        f"\nHeld-out problems: {cfg['eval_n']} (greedy, {cfg['eval_tokens']} new tokens); RL: {cfg['rl_steps']} "
+        f"{args.algorithm} steps x {cfg['rl_prompts']} prompts x {cfg['rl_generations']} generations, lr "
+        f"{cfg['rl_lr']}, {cfg['rl_tokens']} completion tokens"
+    )
+    print(
+        "no-signal: groups whose total rewards are all equal (TRL's frac_reward_zero_std); dropped: groups "
+        "masked by dynamic sampling (correctness all equal); kl last: KL to the start at the last step"
+    )
+    print(
+        f"{'start':6} {'acc before':>10} {'acc after':>10} {'reward 1st half':>15} {'reward 2nd half':>15} "
+        f"{'train acc':>9} {'no-signal':>9} {'dropped':>7} {'kl last':>8} {'len':>6} {'min':>5}"
+    )
     for name, r in results.items():
-        print(f"{name:6} {r['before']:10.3f} {r['after']:10.3f} {r['reward_first_half']:15.3f} "
-              f"{r['reward_second_half']:15.3f} {r['train_accuracy']:9.3f} {r['no_signal_groups']:9.3f} "
-              f"{r['dropped_groups']:7.3f} {r['kl_last']:8.4f} "
-              f"{r['completion_length']:6.1f} {r['minutes']:5.1f}")
+        print(
+            f"{name:6} {r['before']:10.3f} {r['after']:10.3f} {r['reward_first_half']:15.3f} "
+            f"{r['reward_second_half']:15.3f} {r['train_accuracy']:9.3f} {r['no_signal_groups']:9.3f} "
+            f"{r['dropped_groups']:7.3f} {r['kl_last']:8.4f} "
+            f"{r['completion_length']:6.1f} {r['minutes']:5.1f}"
+        )
         print(f"       rewards per step: {r['rewards']}")
     (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"Total {(time.monotonic() - started) / 60:.1f} min; summary in {out / 'summary.json'}")

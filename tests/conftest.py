@@ -98,8 +98,14 @@ def sigterm_once_logging(cmd: list[str], metrics, cwd=None, timeout: float = 120
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "asft.cli", *cmd], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asft.cli", *cmd],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.time() + timeout
     while not metrics.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

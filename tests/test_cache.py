@@ -56,13 +56,15 @@ def loss_of(path, mode, h, y, rows, head, ref_logits=None, cached=None, **kw):
     w, b = head.weight.detach().clone().requires_grad_(), head.bias.detach().clone().requires_grad_()
     if path == "naive":
         ref = None if ref_logits is None else to_batch(ref_logits, rows)[0]
-        loss, terms = token_loss(mode, to_batch(h @ w.t() + b, rows)[0], labels_for(y, rows), ref, ref_cache=cached,
-                                 **kw)
+        loss, terms = token_loss(
+            mode, to_batch(h @ w.t() + b, rows)[0], labels_for(y, rows), ref, ref_cache=cached, **kw
+        )
     elif ref_logits is None:
         loss, terms = fused_loss_selected(mode, h, y, rows, LMHead(w, b), ref_cache=cached, chunk_size=5, **kw)
     else:  # an online reference whose lm_head gives exactly ref_logits: identity hidden rows, the logits as weight
-        loss, terms = fused_loss_selected(mode, h, y, rows, LMHead(w, b), torch.eye(len(y)),
-                                          LMHead(ref_logits.t().contiguous()), chunk_size=5, **kw)
+        loss, terms = fused_loss_selected(
+            mode, h, y, rows, LMHead(w, b), torch.eye(len(y)), LMHead(ref_logits.t().contiguous()), chunk_size=5, **kw
+        )
     loss.backward()
     return loss.detach(), terms, [h.grad, w.grad, b.grad]
 
@@ -71,9 +73,13 @@ def close(a, b, rtol=1e-5):
     torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
 
 
-CASES = [(m, d, lvl) for m in MODES if needs_reference(m) for d in ("forward", "reverse")
-         for lvl in (("sequence", "token") if m == "iw_sft" else ("sequence",))] + [("sft", "forward", "sequence"),
-                                                                                  ("dft", "forward", "sequence")]
+CASES = [
+    (m, d, lvl)
+    for m in MODES
+    if needs_reference(m)
+    for d in ("forward", "reverse")
+    for lvl in (("sequence", "token") if m == "iw_sft" else ("sequence",))
+] + [("sft", "forward", "sequence"), ("dft", "forward", "sequence")]
 
 
 @pytest.mark.parametrize("path", ["naive", "fused"])
@@ -130,8 +136,9 @@ def test_bucketed_kl_and_gradient_equal_an_independent_implementation(k, directi
     want = (-weight * logp_y + 0.4 * independent_bucketed(logits, cached, direction)).sum() / 29
     want.backward()
     for path in ("naive", "fused"):
-        loss, terms, grads = loss_of(path, mode, h, y, rows, head, cached=cached, kl_weight=0.4,
-                                     kl_direction=direction, num_items_in_batch=29)
+        loss, terms, grads = loss_of(
+            path, mode, h, y, rows, head, cached=cached, kl_weight=0.4, kl_direction=direction, num_items_in_batch=29
+        )
         close(loss.double(), want.detach())
         assert terms["kl"] == pytest.approx(float(kl_b.mean()), rel=1e-5)
         for g, ref in zip(grads, (hh.grad, w.grad, b.grad)):
@@ -150,9 +157,18 @@ def test_the_fused_cached_gradient_follows_a_logit_scale_and_softcap(direction):
     want = (-logp_y.detach().exp() * logp_y + 0.4 * independent_bucketed(logits, cached, direction)).sum() / 29
     want.backward()
     h2, w2, b2 = (t.detach().clone().requires_grad_() for t in (h, head.weight, head.bias))
-    loss, _ = fused_loss_selected("asft", h2, y, rows, LMHead(w2, b2, logit_scale=scale, softcap=cap),
-                                  ref_cache=cached, chunk_size=5, kl_weight=0.4, kl_direction=direction,
-                                  num_items_in_batch=29)
+    loss, _ = fused_loss_selected(
+        "asft",
+        h2,
+        y,
+        rows,
+        LMHead(w2, b2, logit_scale=scale, softcap=cap),
+        ref_cache=cached,
+        chunk_size=5,
+        kl_weight=0.4,
+        kl_direction=direction,
+        num_items_in_batch=29,
+    )
     loss.backward()
     close(loss.double(), want.detach())
     for g, ref in zip((h2.grad, w2.grad, b2.grad), (hh.grad, w.grad, b.grad)):
@@ -185,8 +201,23 @@ def write_data(path: Path, n=12, seed=0, change=None):
 
 
 def build_argv(model_dir, data, out, k, *extra):
-    return ["cache-reference", "--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir",
-            str(out), "--top_k", str(k), "--shard_size", "5", "--batch_size", "3", "--disable_tqdm", *extra]
+    return [
+        "cache-reference",
+        "--model_name_or_path",
+        str(model_dir),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--top_k",
+        str(k),
+        "--shard_size",
+        "5",
+        "--batch_size",
+        "3",
+        "--disable_tqdm",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +230,48 @@ def built(tmp_path_factory, tiny_model_dir):
 
 
 def train_argv(model_dir, data, out, *extra):
-    return ["train", "--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-            "--mode", "asft", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-            "--max_steps", "3", "--optim", "sgd", "--max_grad_norm", "0", "--lr_scheduler_type", "constant",
-            "--learning_rate", "20", "--kl_weight", "0.5", "--save_strategy", "no", "--logging_steps", "1",
-            "--use_cpu", "true", "--fused_chunk_size", "7", "--seed", "0", "--disable_tqdm", "true",
-            "--report_to", "none", *extra]
+    return [
+        "train",
+        "--model_name_or_path",
+        str(model_dir),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--mode",
+        "asft",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_steps",
+        "3",
+        "--optim",
+        "sgd",
+        "--max_grad_norm",
+        "0",
+        "--lr_scheduler_type",
+        "constant",
+        "--learning_rate",
+        "20",
+        "--kl_weight",
+        "0.5",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--use_cpu",
+        "true",
+        "--fused_chunk_size",
+        "7",
+        "--seed",
+        "0",
+        "--disable_tqdm",
+        "true",
+        "--report_to",
+        "none",
+        *extra,
+    ]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -227,18 +294,25 @@ def test_training_with_a_full_cache_equals_the_online_reference(built, tiny_mode
     # Shuffled data, two accumulation steps: each batch must find its own examples' rows.
     extra = ["--loss_implementation", impl]
     assert main(train_argv(tiny_model_dir, built["data"], tmp_path / "online", *extra)) == 0
-    assert main(train_argv(tiny_model_dir, built["data"], tmp_path / "cached", *extra,
-                           "--reference_cache", str(built["full"]))) == 0
+    assert (
+        main(
+            train_argv(
+                tiny_model_dir, built["data"], tmp_path / "cached", *extra, "--reference_cache", str(built["full"])
+            )
+        )
+        == 0
+    )
     assert_same_weights(weights(tmp_path / "cached"), weights(tmp_path / "online"), weights(tiny_model_dir))
     logs = [json.loads(x) for x in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("kl", 0) > 1e-6 for r in logs)
 
 
-def test_lora_with_a_cache_loads_no_reference_and_never_disables_the_adapter(built, tiny_model_dir, tmp_path,
-                                                                             monkeypatch):
+def test_lora_with_a_cache_loads_no_reference_and_never_disables_the_adapter(
+    built, tiny_model_dir, tmp_path, monkeypatch
+):
     from peft import PeftModel
 
-    import asft.trainer
+    import asft.training.trainer
 
     lora = ["--use_lora", "--lora_dropout", "0", "--lora_target_modules", "q_proj,v_proj"]
     torch.manual_seed(0)
@@ -248,38 +322,67 @@ def test_lora_with_a_cache_loads_no_reference_and_never_disables_the_adapter(bui
         raise AssertionError("a reference model or the adapter-disabled base was used")
 
     monkeypatch.setattr(PeftModel, "disable_adapter", refuse)
-    monkeypatch.setattr(asft.trainer, "load_frozen_copy", refuse)
+    monkeypatch.setattr(asft.training.trainer, "load_frozen_copy", refuse)
     seen = {}
-    original = asft.trainer.AnchoredSFTTrainer.train
+    original = asft.training.trainer.AnchoredSFTTrainer.train
 
     def record(self, *a, **k):
         seen.update(ref_model=self.ref_model, reference=type(self.reference).__name__)
         return original(self, *a, **k)
 
-    monkeypatch.setattr(asft.trainer.AnchoredSFTTrainer, "train", record)
+    monkeypatch.setattr(asft.training.trainer.AnchoredSFTTrainer, "train", record)
     torch.manual_seed(0)
-    assert main(train_argv(tiny_model_dir, built["data"], tmp_path / "cached", *lora,
-                           "--reference_cache", str(built["full"]))) == 0
+    assert (
+        main(
+            train_argv(
+                tiny_model_dir, built["data"], tmp_path / "cached", *lora, "--reference_cache", str(built["full"])
+            )
+        )
+        == 0
+    )
     assert seen == {"ref_model": None, "reference": "CachedReference"}
     assert_same_weights(weights(tmp_path / "cached"), weights(tmp_path / "online"))
 
 
 def test_resuming_with_a_cache_gives_the_uninterrupted_weights(built, tiny_model_dir, tmp_path):
-    cache = ["--reference_cache", str(built["full"]), "--max_steps", "4", "--save_strategy", "steps",
-             "--save_steps", "2"]
+    cache = [
+        "--reference_cache",
+        str(built["full"]),
+        "--max_steps",
+        "4",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+    ]
     assert main(train_argv(tiny_model_dir, built["data"], tmp_path / "whole", *cache)) == 0
-    assert main(train_argv(tiny_model_dir, built["data"], tmp_path / "resumed", *cache, "--resume_from_checkpoint",
-                           str(tmp_path / "whole" / "checkpoint-2"))) == 0
+    assert (
+        main(
+            train_argv(
+                tiny_model_dir,
+                built["data"],
+                tmp_path / "resumed",
+                *cache,
+                "--resume_from_checkpoint",
+                str(tmp_path / "whole" / "checkpoint-2"),
+            )
+        )
+        == 0
+    )
     assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "whole"), weights(tiny_model_dir))
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"data": 3}, "example 3 ("),
-    ({"template": "none"}, "field 'template'"),
-    ({"max_length": "64"}, "field 'max_length'"),
-])
-def test_a_cache_of_other_data_or_settings_is_refused_before_training(built, tiny_model_dir, tmp_path, capsys,
-                                                                      change, field):
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"data": 3}, "example 3 ("),
+        ({"template": "none"}, "field 'template'"),
+        ({"max_length": "64"}, "field 'max_length'"),
+    ],
+)
+def test_a_cache_of_other_data_or_settings_is_refused_before_training(
+    built, tiny_model_dir, tmp_path, capsys, change, field
+):
     data = built["data"]
     extra = []
     if "data" in change:
@@ -301,7 +404,7 @@ def test_an_interrupted_build_continues_into_an_identical_cache(built, tiny_mode
     import asft.cache
 
     argv = build_argv(tiny_model_dir, built["data"], tmp_path / "cut", 10_000, "--dtype", "float32")
-    write_shard = asft.cache._write_shard
+    write_shard = asft.cache.store._write_shard
     calls = []
 
     def interrupted(out, index, *a):
@@ -312,17 +415,20 @@ def test_an_interrupted_build_continues_into_an_identical_cache(built, tiny_mode
             raise KeyboardInterrupt
         return write_shard(out, index, *a)
 
-    monkeypatch.setattr(asft.cache, "_write_shard", interrupted)
+    monkeypatch.setattr(asft.cache.store, "_write_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
         main(argv)
     assert not (tmp_path / "cut" / "manifest.json").exists()
     with pytest.raises(Exception, match="unfinished build"):
         ReferenceCache(tmp_path / "cut")
-    monkeypatch.setattr(asft.cache, "_write_shard", lambda *a: (calls.append(a[1]), write_shard(*a)))
+    monkeypatch.setattr(asft.cache.store, "_write_shard", lambda *a: (calls.append(a[1]), write_shard(*a)))
     assert main(argv) == 0
     assert calls[2:] == [1, 2]  # shard 0 was not recomputed
-    files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes()  # noqa: E731
-                          for p in sorted(root.rglob("*")) if p.is_file()}
+    files = lambda root: {
+        p.relative_to(root).as_posix(): p.read_bytes()  # noqa: E731
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
     assert files(tmp_path / "cut") == files(built["full"])
 
 
@@ -375,14 +481,23 @@ def test_the_trainer_checks_the_cache_itself(built, tokenizer, tmp_path):
     from asft.data import build_dataset
     from conftest import build_model
 
-    args = AnchoredSFTConfig(output_dir=str(tmp_path / "lib"), mode="asft", max_steps=1, report_to="none",
-                             use_cpu=True, reference_cache=str(built["full"]), save_strategy="no")
+    args = AnchoredSFTConfig(
+        output_dir=str(tmp_path / "lib"),
+        mode="asft",
+        max_steps=1,
+        report_to="none",
+        use_cpu=True,
+        reference_cache=str(built["full"]),
+        save_strategy="no",
+    )
     data = build_dataset(str(built["data"]), tokenizer, template="chat", max_length=args.max_length)
     with pytest.warns(UserWarning, match="is not the model being trained"):
-        trainer = AnchoredSFTTrainer(build_model(tokenizer, seed=1), args=args, train_dataset=data,
-                                     processing_class=tokenizer)
+        trainer = AnchoredSFTTrainer(
+            build_model(tokenizer, seed=1), args=args, train_dataset=data, processing_class=tokenizer
+        )
     assert trainer.ref_model is None and type(trainer.reference).__name__ == "CachedReference"
-    other = build_dataset(str(write_data(tmp_path / "other.jsonl", change=5)), tokenizer, template="chat",
-                          max_length=args.max_length)
+    other = build_dataset(
+        str(write_data(tmp_path / "other.jsonl", change=5)), tokenizer, template="chat", max_length=args.max_length
+    )
     with pytest.raises(CacheMismatchError, match=r"example 5: field .input_ids."):
         AnchoredSFTTrainer(build_model(tokenizer, seed=0), args=args, train_dataset=other, processing_class=tokenizer)

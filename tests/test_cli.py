@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from asft.cli import main, parse_train_args
+from asft.cli import main
+from asft.cli.train import parse_train_args
 from asft.errors import ConfigError
 from asft.objectives import MODES
 
@@ -13,16 +14,38 @@ from asft.objectives import MODES
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"instruction": f"what is {a} + {b}", "response": f"The answer is {a + b}"}
-            for a in range(3) for b in range(3)]
+    rows = [
+        {"instruction": f"what is {a} + {b}", "response": f"The answer is {a + b}"} for a in range(3) for b in range(3)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def train_args(model_dir, data_file, out, *extra):
-    return ["train", "--model_name_or_path", str(model_dir), "--data_path", str(data_file), "--output_dir", str(out),
-            "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-            "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true", *extra]
+    return [
+        "train",
+        "--model_name_or_path",
+        str(model_dir),
+        "--data_path",
+        str(data_file),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
 
 
 def logged(out):
@@ -39,8 +62,17 @@ def test_train_every_mode(tiny_model_dir, data_file, tmp_path, mode, lora):
     steps = [r for r in logged(out) if "nll" in r]
     assert len(steps) == 2
     for record in steps:
-        for key in ("loss", "nll", "weighted_nll", "mean_prob", "mean_weight", "entropy", "token_accuracy",
-                    "grad_norm", "learning_rate"):
+        for key in (
+            "loss",
+            "nll",
+            "weighted_nll",
+            "mean_prob",
+            "mean_weight",
+            "entropy",
+            "token_accuracy",
+            "grad_norm",
+            "learning_rate",
+        ):
             assert key in record, key
         assert ("kl" in record) == (mode in ("sft_kl", "asft", "iw_sft"))
 
@@ -50,11 +82,24 @@ def test_merge_lora_equals_peft_merge(tiny_model_dir, data_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     adapter = tmp_path / "adapter"
-    assert main(train_args(tiny_model_dir, data_file, adapter, "--use_lora", "--lora_target_modules",
-                           "all-linear")) == 0
+    assert (
+        main(train_args(tiny_model_dir, data_file, adapter, "--use_lora", "--lora_target_modules", "all-linear")) == 0
+    )
     merged_dir = tmp_path / "merged"
-    assert main(["merge-lora", "--base_model_path", str(tiny_model_dir), "--lora_model_path", str(adapter),
-                 "--output_dir", str(merged_dir)]) == 0
+    assert (
+        main(
+            [
+                "merge-lora",
+                "--base_model_path",
+                str(tiny_model_dir),
+                "--lora_model_path",
+                str(adapter),
+                "--output_dir",
+                str(merged_dir),
+            ]
+        )
+        == 0
+    )
     ours = AutoModelForCausalLM.from_pretrained(merged_dir)
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
     theirs = theirs.merge_and_unload()
@@ -63,28 +108,45 @@ def test_merge_lora_equals_peft_merge(tiny_model_dir, data_file, tmp_path):
     torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
     assert not torch.allclose(ours(input_ids=ids).logits, base(input_ids=ids).logits)
     # merging again into the same folder is refused: nothing written is overwritten silently
-    assert main(["merge-lora", "--base_model_path", str(tiny_model_dir), "--lora_model_path", str(adapter),
-                 "--output_dir", str(merged_dir)]) == 2
+    assert (
+        main(
+            [
+                "merge-lora",
+                "--base_model_path",
+                str(tiny_model_dir),
+                "--lora_model_path",
+                str(adapter),
+                "--output_dir",
+                str(merged_dir),
+            ]
+        )
+        == 2
+    )
 
 
 def test_paper_flags_and_yaml(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = tmp_path / "c.yaml"
-    config.write_text("model_name_or_path: m\ndata_path: d.jsonl\nmode: sft+kl\nkl_weight: 0.05\n"
-                      "output_dir: o\nper_device_train_batch_size: 2\nglobal_batch_size: 16\nuse_lora: true\n")
+    config.write_text(
+        "model_name_or_path: m\ndata_path: d.jsonl\nmode: sft+kl\nkl_weight: 0.05\n"
+        "output_dir: o\nper_device_train_batch_size: 2\nglobal_batch_size: 16\nuse_lora: true\n"
+    )
     script, cfg = parse_train_args([str(config), "--kl_weight", "0.1", "--model_max_length", "64"])
     assert cfg.mode == "sft_kl" and cfg.kl_weight == 0.1 and cfg.max_length == 64
     assert cfg.gradient_accumulation_steps == 4  # 16 / (2 per device x 2 processes)
     assert script.use_lora and script.model_name_or_path == "m"
 
 
-@pytest.mark.parametrize("argv,field", [
-    (["--kl_weight", "-1"], "kl_weight"),
-    (["--mode", "ppo"], "mode"),
-    (["--global_batch_size", "3", "--per_device_train_batch_size", "2"], "global_batch_size"),
-    (["--mode", "dft", "--reference_model_path", "x"], "reference_model_path"),
-    (["--kl_wieght", "1"], "kl_weight"),  # a typo gets a suggestion
-])
+@pytest.mark.parametrize(
+    "argv,field",
+    [
+        (["--kl_weight", "-1"], "kl_weight"),
+        (["--mode", "ppo"], "mode"),
+        (["--global_batch_size", "3", "--per_device_train_batch_size", "2"], "global_batch_size"),
+        (["--mode", "dft", "--reference_model_path", "x"], "reference_model_path"),
+        (["--kl_wieght", "1"], "kl_weight"),  # a typo gets a suggestion
+    ],
+)
 def test_bad_arguments_are_rejected_before_loading(argv, field):
     with pytest.raises((ConfigError, SystemExit)) as err:
         parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", *argv])
@@ -114,8 +176,7 @@ def test_shipped_examples_parse(name):
     from pathlib import Path
 
     example = Path(__file__).parent.parent / "examples" / f"{name}.yaml"
-    script, cfg = parse_train_args([str(example), "--model_name_or_path", "m", "--data_path", "d",
-                                    "--output_dir", "o"])
+    script, cfg = parse_train_args([str(example), "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"])
     assert cfg.mode == (name if name != "quickstart" else "asft")
 
 
@@ -129,20 +190,24 @@ def _one_line_error(capsys, argv):
     return err[0]
 
 
-@pytest.mark.parametrize("extra,expected", [
-    (["--mode", "ppo"], "sft, dft, sft_kl, asft, iw_sft"),                      # an invalid choice lists the choices
-    (["--kl_direction", "sideways"], "forward"),
-    (["--learning_rate", "abc"], "invalid float value: 'abc'"),
-    (["--mode", "asft", "--loss_type", "dft"], "conflicting values"),          # two spellings, two objectives
-    (["--mode", "asft", "--loss-type", "dft"], "conflicting values"),
-    (["--max_length", "64", "--model_max_length", "128"], "conflicting values"),
-    (["--report_to", "surely_not_a_tracker"], "tensorboard"),                   # lists the integrations
-    (["--eval_strategy", "steps"], "--eval_data_path"),
-    (["--use_lora", "--lora_target_modules", "nonexistent_module"], "q_proj"),  # lists the modules that exist
-    (["--mode", "iw_sft", "--packing", "true"], "--iw_level token"),
-])
-def test_mistakes_get_one_line_before_loading(tiny_model_dir, data_file, tmp_path, capsys, monkeypatch, extra,
-                                              expected):
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["--mode", "ppo"], "sft, dft, sft_kl, asft, iw_sft"),  # an invalid choice lists the choices
+        (["--kl_direction", "sideways"], "forward"),
+        (["--learning_rate", "abc"], "invalid float value: 'abc'"),
+        (["--mode", "asft", "--loss_type", "dft"], "conflicting values"),  # two spellings, two objectives
+        (["--mode", "asft", "--loss-type", "dft"], "conflicting values"),
+        (["--max_length", "64", "--model_max_length", "128"], "conflicting values"),
+        (["--report_to", "surely_not_a_tracker"], "tensorboard"),  # lists the integrations
+        (["--eval_strategy", "steps"], "--eval_data_path"),
+        (["--use_lora", "--lora_target_modules", "nonexistent_module"], "q_proj"),  # lists the modules that exist
+        (["--mode", "iw_sft", "--packing", "true"], "--iw_level token"),
+    ],
+)
+def test_mistakes_get_one_line_before_loading(
+    tiny_model_dir, data_file, tmp_path, capsys, monkeypatch, extra, expected
+):
     import asft.models
 
     monkeypatch.setattr(asft.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -189,19 +254,21 @@ def test_boolean_flags_take_the_bare_and_the_valued_form():
 
 
 def test_one_max_length_default_and_a_truncation_report(tiny_model_dir, tmp_path, capsys):
-    from asft.cli import ScriptArguments
-    from asft.data_cli import _parser
+    from asft.cli.data import _parser
+    from asft.cli.train import ScriptArguments
 
     _, config = parse_train_args(["--model_name_or_path", "m", "--data_path", "d"])
     inspect_default = _parser().parse_args(["inspect", "f", "--model", "m"]).max_length
     assert config.max_length == inspect_default and ScriptArguments.model_max_length is None
     data = tmp_path / "long.jsonl"
-    rows = [{"instruction": "q", "response": "the quick brown fox " * 40}] + \
-           [{"instruction": "q", "response": "ok"}] * 3
+    rows = [{"instruction": "q", "response": "the quick brown fox " * 40}] + [
+        {"instruction": "q", "response": "ok"}
+    ] * 3
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.warns(UserWarning, match=r"1 of 4 examples truncated \(25.0%\)"):
-        assert main(train_args(tiny_model_dir, data, tmp_path / "out", "--model_max_length", "48", "--mode",
-                               "sft")) == 0
+        assert (
+            main(train_args(tiny_model_dir, data, tmp_path / "out", "--model_max_length", "48", "--mode", "sft")) == 0
+        )
 
 
 def test_bf16_trains_on_cpu(tiny_model_dir, data_file, tmp_path):
@@ -216,8 +283,11 @@ def test_bf16_trains_on_cpu(tiny_model_dir, data_file, tmp_path):
 
 def test_a_run_says_what_it_did(tiny_model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = [a for a in train_args(tiny_model_dir, data_file, out, "--mode", "asft", "--kl_weight", "0.07",
-                                  "--use_lora") if a != "--logging_steps" and a != "1"]
+    argv = [
+        a
+        for a in train_args(tiny_model_dir, data_file, out, "--mode", "asft", "--kl_weight", "0.07", "--use_lora")
+        if a != "--logging_steps" and a != "1"
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "LoRA:" in printed and "trainable parameters" in printed
@@ -239,11 +309,11 @@ def test_no_output_dir_says_where_the_run_goes(tiny_model_dir, data_file, tmp_pa
 
 
 def test_padding_free_without_packing_trains(tiny_model_dir, data_file, tmp_path):
-    assert main(train_args(tiny_model_dir, data_file, tmp_path / "out", "--mode", "sft", "--padding_free",
-                           "true")) == 0
+    assert main(train_args(tiny_model_dir, data_file, tmp_path / "out", "--mode", "sft", "--padding_free", "true")) == 0
 
 
 def test_unknown_model_offline_is_one_line(data_file, capsys):
-    err = _one_line_error(capsys, ["train", "--model_name_or_path", "nobody/no-such-model", "--data_path",
-                                   str(data_file)])
+    err = _one_line_error(
+        capsys, ["train", "--model_name_or_path", "nobody/no-such-model", "--data_path", str(data_file)]
+    )
     assert "nobody/no-such-model" in err

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from asft.data import (ALPACA_PROMPT, DataError, build_dataset, load_examples, render, resolve_template,
-                       tokenize)
+from asft.data import ALPACA_PROMPT, DataError, build_dataset, load_examples, render, resolve_template, tokenize
 
 
 def write(path, rows):
@@ -33,9 +32,13 @@ def test_alpaca_input_and_output_fields(tokenizer, tmp_path):
 
 
 def test_chat_messages_train_every_assistant_turn(tokenizer, tmp_path):
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "sum 2 3"},
-                {"role": "assistant", "content": "5"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "sum 2 3"},
+        {"role": "assistant", "content": "5"},
+    ]
     f = write(tmp_path / "c.jsonl", [{"messages": messages}])
     (ex,), _ = load_examples(str(f))
     item = tokenize(ex, "chat", tokenizer)
@@ -44,8 +47,9 @@ def test_chat_messages_train_every_assistant_turn(tokenizer, tmp_path):
 
 
 def test_sharegpt_and_prompt_completion(tokenizer, tmp_path):
-    f1 = write(tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": "hi"},
-                                                         {"from": "gpt", "value": "yo"}]}])
+    f1 = write(
+        tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]
+    )
     f2 = write(tmp_path / "p.jsonl", [{"prompt": "2+2=", "completion": "4"}])
     examples, _ = load_examples(f"{f1},{f2}")
     assert trained_text(tokenizer, tokenize(examples[0], "chat", tokenizer)) == "yo<|im_end|>\n"
@@ -57,25 +61,43 @@ def test_auto_template_follows_the_tokenizer(tokenizer):
     assert resolve_template("auto", tokenizer) == "chat"
 
 
-@pytest.mark.parametrize("rows,line,field", [
-    ([{"instruction": "a", "response": "b"}, '{"instruction": "a", "response": '], 2, None),
-    ([{"instruction": "a", "response": "b"}, {"instruction": "a"}], 2, "response"),  # the missing field is named
-    ([{"instruction": "a", "output": "b"}, {"output": "b"}], 2, "instruction"),
-    ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], 2, "completion"),
-    ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, {"msgs": []}], 2,
-     "messages"),
-    ([{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}, {"conv": []}], 2,
-     "conversations"),
-    ([{"instruction": "a", "response": "b"}, {"instruction": "", "response": "b"}], 2, "instruction"),
-    ([{"instruction": "a", "response": "b"}, {"instruction": "a", "response": 3}], 2, "response"),
-    ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-      {"messages": [{"role": "robot", "content": "a"}]}], 2, "messages[0].role"),
-    ([{"messages": [{"role": "user", "content": "a"}]}], 1, "messages"),  # no assistant turn
-    ([{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}], 1,
-     "messages[0].content"),
-    ([{"question": "a"}], 1, None),  # unknown format
-    (["[1, 2]"], 1, None),
-])
+@pytest.mark.parametrize(
+    "rows,line,field",
+    [
+        ([{"instruction": "a", "response": "b"}, '{"instruction": "a", "response": '], 2, None),
+        ([{"instruction": "a", "response": "b"}, {"instruction": "a"}], 2, "response"),  # the missing field is named
+        ([{"instruction": "a", "output": "b"}, {"output": "b"}], 2, "instruction"),
+        ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], 2, "completion"),
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, {"msgs": []}],
+            2,
+            "messages",
+        ),
+        (
+            [{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}, {"conv": []}],
+            2,
+            "conversations",
+        ),
+        ([{"instruction": "a", "response": "b"}, {"instruction": "", "response": "b"}], 2, "instruction"),
+        ([{"instruction": "a", "response": "b"}, {"instruction": "a", "response": 3}], 2, "response"),
+        (
+            [
+                {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                {"messages": [{"role": "robot", "content": "a"}]},
+            ],
+            2,
+            "messages[0].role",
+        ),
+        ([{"messages": [{"role": "user", "content": "a"}]}], 1, "messages"),  # no assistant turn
+        (
+            [{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}],
+            1,
+            "messages[0].content",
+        ),
+        ([{"question": "a"}], 1, None),  # unknown format
+        (["[1, 2]"], 1, None),
+    ],
+)
 def test_bad_rows_are_located(tmp_path, rows, line, field):
     f = write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError) as err:
@@ -85,8 +107,9 @@ def test_bad_rows_are_located(tmp_path, rows, line, field):
 
 
 def test_skip_bad_rows_reports_them(tokenizer, tmp_path):
-    f = write(tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}, "not json",
-                                     {"instruction": "c", "response": "d"}])
+    f = write(
+        tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}, "not json", {"instruction": "c", "response": "d"}]
+    )
     messages = []
     ds = build_dataset(str(f), tokenizer, template="alpaca", on_bad_rows="skip", log=messages.append)
     assert len(ds) == 2 and f"{f}:2" in messages[0]

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from asft import data_cli
+from asft.cli import data as data_cli
+from asft.cli.data import main, marked, percentile, select_files
 from asft.data import DataError, load_examples, tokenize, write_jsonl
-from asft.data_cli import main, marked, percentile, select_files
 
 
 def write(path, rows):
@@ -43,18 +43,31 @@ def test_help_describes_every_flag(command, capsys):
 # ---------------------------------------------------------------------------------------------------- download
 
 
-@pytest.mark.parametrize("env,entry", [
-    ({"HF_HUB_OFFLINE": "1"}, "from asft.cli import main"),  # the real entry point: no traceback on the way
-    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "from asft.data_cli import main"),  # nothing listens there
-], ids=["offline-flag", "unreachable"])
+@pytest.mark.parametrize(
+    "env,entry",
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "from asft.cli import main"),  # the real entry point: no traceback on the way
+        ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "from asft.cli.data import main"),  # nothing listens there
+    ],
+    ids=["offline-flag", "unreachable"],
+)
 def test_download_offline_fails_at_once_with_one_line(env, entry, tmp_path):
     # A fresh process: huggingface_hub reads these variables when imported.
     environ = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     environ.update(env, HF_HOME=str(tmp_path / "hf"))
-    argv = (["data"] if "asft.cli" in entry else []) + ["download", "--output_dir", str(tmp_path / "data")]
+    argv = (["data"] if entry == "from asft.cli import main" else []) + [
+        "download",
+        "--output_dir",
+        str(tmp_path / "data"),
+    ]
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", f"import sys; {entry}; sys.exit(main({argv!r}))"], env=environ,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", f"import sys; {entry}; sys.exit(main({argv!r}))"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.monotonic() - start
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -68,9 +81,13 @@ def fake_hub(tmp_path, monkeypatch):
     import huggingface_hub
 
     remote = tmp_path / "remote"
-    files = {"README.md": "# ASFT\n", "numina_cot_10k.jsonl": '{"instruction": "a", "response": "b"}\n',
-             "data/magpie10k.jsonl": '{"instruction": "c", "response": "d"}\n',
-             "mix.jsonl": "{}\n", "mix.parquet": "PAR1"}
+    files = {
+        "README.md": "# ASFT\n",
+        "numina_cot_10k.jsonl": '{"instruction": "a", "response": "b"}\n',
+        "data/magpie10k.jsonl": '{"instruction": "c", "response": "d"}\n',
+        "mix.jsonl": "{}\n",
+        "mix.parquet": "PAR1",
+    }
     for name, text in files.items():
         (remote / name).parent.mkdir(parents=True, exist_ok=True)
         (remote / name).write_text(text)
@@ -94,8 +111,10 @@ def test_download_picks_files_and_never_overwrites_a_different_one(fake_hub, tmp
     out = tmp_path / "data"
     args = ["download", "--files", "numina_cot_10k,magpie10k.jsonl", "--output_dir", str(out)]
     assert main(args) == 0
-    assert calls == [("chichi56/ASFT", "numina_cot_10k.jsonl", "dataset"),
-                     ("chichi56/ASFT", "data/magpie10k.jsonl", "dataset")]
+    assert calls == [
+        ("chichi56/ASFT", "numina_cot_10k.jsonl", "dataset"),
+        ("chichi56/ASFT", "data/magpie10k.jsonl", "dataset"),
+    ]
     assert (out / "magpie10k.jsonl").read_text() == (remote / "data/magpie10k.jsonl").read_text()
     assert main(args) == 0 and "up to date" in capsys.readouterr().out
 
@@ -132,21 +151,31 @@ def test_download_hub_errors_are_one_line(fake_hub, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(huggingface_hub, "list_repo_files", refuse)
     assert main(["download", "--output_dir", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "asft data download: error: cannot list the files of chichi56/ASFT: ConnectionError: " \
-                          "connection reset"
+    assert (
+        err.strip() == "asft data download: error: cannot list the files of chichi56/ASFT: ConnectionError: "
+        "connection reset"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- convert
 
-SINGLE = [
-    {"instruction": "what is 2 + 2", "response": "4"},
-    {"instruction": "sum", "input": "2 3", "response": "5"},
-]
+SINGLE = [{"instruction": "what is 2 + 2", "response": "4"}, {"instruction": "sum", "input": "2 3", "response": "5"}]
 CHAT = [
-    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                  {"role": "assistant", "content": "hello"}]},
-    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                  {"role": "user", "content": "sum 2 3"}, {"role": "assistant", "content": "5"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "sum 2 3"},
+            {"role": "assistant", "content": "5"},
+        ]
+    },
 ]
 
 
@@ -155,8 +184,10 @@ def chat_tokens(path, tokenizer):
     return [tokenize(ex, "chat", tokenizer) for ex in examples]
 
 
-@pytest.mark.parametrize("chain", [["messages", "sharegpt", "prompt_completion", "alpaca"],
-                                   ["prompt_completion", "sharegpt", "messages", "alpaca"]])
+@pytest.mark.parametrize(
+    "chain",
+    [["messages", "sharegpt", "prompt_completion", "alpaca"], ["prompt_completion", "sharegpt", "messages", "alpaca"]],
+)
 def test_convert_round_trip_keeps_what_is_trained(chain, tokenizer, tmp_path):
     source = write(tmp_path / "in.jsonl", SINGLE)
     expected, path = chat_tokens(source, tokenizer), source
@@ -228,8 +259,10 @@ def test_inspect_counts_lengths_truncation_and_marks(tokenizer_dir, tokenizer, t
     rows[3] = {"instruction": "a long instruction " * 30, "response": "b"}  # its prompt alone fills max_length
     rows[5] = {"instruction": "q", "response": "the quick brown fox " * 30}  # its response is cut
     source = write(tmp_path / "d.jsonl", rows)
-    assert main(["inspect", str(source), "--model", str(tokenizer_dir), "--template", "alpaca",
-                 "--max_length", "100"]) == 0
+    assert (
+        main(["inspect", str(source), "--model", str(tokenizer_dir), "--template", "alpaca", "--max_length", "100"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"{source}: 8 examples (alpaca)" in out
     assert "p50" in out and "p99" in out and "response (trained)" in out

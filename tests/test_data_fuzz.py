@@ -14,12 +14,26 @@ SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[Heal
 
 # Lone surrogates included: JSON can spell them ("\ud800") though no UTF-8 writer or tokenizer accepts them.
 text = st.text(st.characters(exclude_categories=()), max_size=12) | st.sampled_from(
-    ["", " ", "\n", "\u2028", "\x85", "\ufeff", "<|im_end|>", "a\u0000b", "user", "assistant", "gpt", "human"])
+    ["", " ", "\n", "\u2028", "\x85", "\ufeff", "<|im_end|>", "a\u0000b", "user", "assistant", "gpt", "human"]
+)
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | text | st.just(10**400)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
-                           st.dictionaries(text, inner, max_size=3), max_leaves=8)
-KEYS = ["instruction", "input", "response", "output", "prompt", "completion", "messages", "conversations",
-        "role", "content", "from", "value"]
+json_values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3), max_leaves=8
+)
+KEYS = [
+    "instruction",
+    "input",
+    "response",
+    "output",
+    "prompt",
+    "completion",
+    "messages",
+    "conversations",
+    "role",
+    "content",
+    "from",
+    "value",
+]
 roles = st.sampled_from(list(ROLES) + ["human", "gpt", "robot"]) | json_values
 turn = st.dictionaries(st.sampled_from(["role", "content", "from", "value"]), roles | text, max_size=3)
 field_value = text | json_values | st.lists(turn, max_size=4)
@@ -32,8 +46,8 @@ def conversation(role_key, content_key):
 
 
 FORMAT_ROWS = {
-    "alpaca": st.fixed_dictionaries({"instruction": value, "response": value}, optional={"input": value}) |
-    st.fixed_dictionaries({"instruction": value, "output": value}),
+    "alpaca": st.fixed_dictionaries({"instruction": value, "response": value}, optional={"input": value})
+    | st.fixed_dictionaries({"instruction": value, "output": value}),
     "prompt_completion": st.fixed_dictionaries({"prompt": value, "completion": value}),
     "messages": st.fixed_dictionaries({"messages": conversation("role", "content")}),
     "sharegpt": st.fixed_dictionaries({"conversations": conversation("from", "value")}),
@@ -56,8 +70,9 @@ def files(draw):
         return json.dumps(value, ensure_ascii=ascii_only)
 
     if kind == "jsonl":
-        lines = [dump(r) for r in items] + draw(st.lists(st.sampled_from(["{", "", "  ", "[1, 2]", "NaN",
-                                                                            "1" * 5000, "[" * 5000]), max_size=2))
+        lines = [dump(r) for r in items] + draw(
+            st.lists(st.sampled_from(["{", "", "  ", "[1, 2]", "NaN", "1" * 5000, "[" * 5000]), max_size=2)
+        )
         body = draw(st.sampled_from(["\n", "\r\n"])).join(draw(st.permutations(lines)))
         suffix = draw(st.sampled_from([".jsonl", ".json"]))
     else:

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from asft.cli.launch import launch_argv, presets, resolve_preset
 from asft.errors import ConfigError
-from asft.presets import launch_argv, presets, resolve_preset
 
 MODES = {  # DFT's weight pi(y) ~ 1/V on a random model makes asft's step ~V times smaller: a larger lr moves it
     "sft": ["--mode", "sft", "--learning_rate", "0.5"],
@@ -47,7 +47,7 @@ if os.environ.get("ASFT_TEST_DEEPSPEED_CPU"):
     deepspeed.init_distributed(dist_backend="gloo")
 import torch
 from asft.cli import main
-from asft.trainer import AnchoredSFTTrainer
+from asft.training.trainer import AnchoredSFTTrainer
 
 train = AnchoredSFTTrainer.train
 
@@ -94,8 +94,9 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from conftest import build_model, build_tokenizer
 from asft.fused import lm_head_of
-from asft.reference import FrozenModelReference, full_heads, prepare_reference
-from asft.trainer import _add_fused_forward, fused_loss_fn
+from asft.training.reference import FrozenModelReference, full_heads, prepare_reference
+from asft.training.reference import add_fused_forward as _add_fused_forward
+from asft.training.trainer import fused_loss_fn
 
 rank, world = dist.get_rank(), dist.get_world_size()
 plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
@@ -171,18 +172,65 @@ def _bin(name: str) -> str:
 
 
 def _train_argv(model_dir, data, out, batch):
-    common = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--per_device_train_batch_size",
-              str(batch), "--gradient_accumulation_steps", "2", "--max_steps", "3", "--optim", "sgd",
-              "--max_grad_norm", "0", "--lr_scheduler_type", "constant", "--kl_weight", "0.5", "--save_strategy",
-              "no", "--logging_steps", "1", "--use_cpu", "true", "--fused_chunk_size", "7", "--seed", "0",
-              "--disable_tqdm", "true"]
-    return {mode: common + [str(out.parent / "cache") if a == "CACHE" else a for a in extra] +
-            ["--output_dir", str(out / mode)] for mode, extra in MODES.items()}
+    common = [
+        "--model_name_or_path",
+        str(model_dir),
+        "--data_path",
+        str(data),
+        "--per_device_train_batch_size",
+        str(batch),
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_steps",
+        "3",
+        "--optim",
+        "sgd",
+        "--max_grad_norm",
+        "0",
+        "--lr_scheduler_type",
+        "constant",
+        "--kl_weight",
+        "0.5",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--use_cpu",
+        "true",
+        "--fused_chunk_size",
+        "7",
+        "--seed",
+        "0",
+        "--disable_tqdm",
+        "true",
+    ]
+    return {
+        mode: common
+        + [str(out.parent / "cache") if a == "CACHE" else a for a in extra]
+        + ["--output_dir", str(out / mode)]
+        for mode, extra in MODES.items()
+    }
 
 
 def _cache_argv(model_dir, data, out):
-    return ["cache-reference", "--model_name_or_path", str(model_dir), "--data_path", str(data), "--top_k", "100000",
-            "--dtype", "float32", "--shard_size", "5", "--batch_size", "3", "--disable_tqdm", "--output_dir", str(out)]
+    return [
+        "cache-reference",
+        "--model_name_or_path",
+        str(model_dir),
+        "--data_path",
+        str(data),
+        "--top_k",
+        "100000",
+        "--dtype",
+        "float32",
+        "--shard_size",
+        "5",
+        "--batch_size",
+        "3",
+        "--disable_tqdm",
+        "--output_dir",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +246,14 @@ def runs(tmp_path_factory, tiny_model_dir):
     (root / "worker.py").write_text(WORKER)
     (root / "fsdp_check.py").write_text(FSDP_CHECK)
     # CPU and gloo even where GPUs exist; no torch.compile (the kernels' compilation is not what is tested here).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASFT_COMPILE": "0", "TOKENIZERS_PARALLELISM": "false",
-           "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ASFT_COMPILE": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+        "DS_ACCELERATOR": "cpu",
+    }
 
     from asft.cli import main
 
@@ -217,21 +271,54 @@ def runs(tmp_path_factory, tiny_model_dir):
     ddp_port, zero3_port = _free_ports(2)
     commands = {
         "single": ([sys.executable, worker, args_json("single", 4)], env),
-        "ddp": ([_bin("accelerate"), "launch", "--config_file", resolve_preset("ddp", "accelerate"),
-                 "--num_processes", "2", "--main_process_port", str(ddp_port), worker, args_json("ddp", 2)],
-                {**env, "ASFT_TEST_FSDP_CHECK": str(root / "fsdp_check.py"),
-                 "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])}),
-        "zero3": ([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(zero3_port), worker,
-                   args_json("zero3", 2).replace('"--use_cpu", "true"',
-                                                 '"--use_cpu", "true", "--deepspeed_config", "ds_zero3_bf16"')],
-                  {**env, "ASFT_TEST_DEEPSPEED_CPU": "1"}),
+        "ddp": (
+            [
+                _bin("accelerate"),
+                "launch",
+                "--config_file",
+                resolve_preset("ddp", "accelerate"),
+                "--num_processes",
+                "2",
+                "--main_process_port",
+                str(ddp_port),
+                worker,
+                args_json("ddp", 2),
+            ],
+            {
+                **env,
+                "ASFT_TEST_FSDP_CHECK": str(root / "fsdp_check.py"),
+                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]),
+            },
+        ),
+        "zero3": (
+            [
+                _bin("deepspeed"),
+                "--num_gpus",
+                "2",
+                "--master_port",
+                str(zero3_port),
+                worker,
+                args_json("zero3", 2).replace(
+                    '"--use_cpu", "true"', '"--use_cpu", "true", "--deepspeed_config", "ds_zero3_bf16"'
+                ),
+            ],
+            {**env, "ASFT_TEST_DEEPSPEED_CPU": "1"},
+        ),
     }
     # Concurrently: each launch spends most of its time importing and starting up, on 2 cores.
-    procs = {name: subprocess.Popen(cmd, env=e, cwd=root, stdout=(root / f"{name}.log").open("w"),
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-             for name, (cmd, e) in commands.items()}
+    procs = {
+        name: subprocess.Popen(
+            cmd,
+            env=e,
+            cwd=root,
+            stdout=(root / f"{name}.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for name, (cmd, e) in commands.items()
+    }
     deadline = time.time() + 600
-    for name, proc in procs.items():
+    for _name, proc in procs.items():
         try:
             proc.wait(timeout=max(1, deadline - time.time()))
         except subprocess.TimeoutExpired:
@@ -268,8 +355,9 @@ def test_two_processes_train_exactly_like_one(runs, engine, mode, tiny_model_dir
         start = _weights(Path(tiny_model_dir))
         assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-2
     # The logged metrics are global too (every rank's tokens), and asft's KL anchor was active.
-    last = [json.loads((runs["root"] / r / mode / "metrics.jsonl").read_text().splitlines()[-2]) for r in
-            ("single", engine)]
+    last = [
+        json.loads((runs["root"] / r / mode / "metrics.jsonl").read_text().splitlines()[-2]) for r in ("single", engine)
+    ]
     for key in ("loss", "nll", "kl"):
         if key in last[0]:
             assert last[1][key] == pytest.approx(last[0][key], rel=1e-4, abs=1e-7), key
@@ -283,8 +371,11 @@ def test_two_processes_train_exactly_like_one(runs, engine, mode, tiny_model_dir
 
 def test_a_two_process_cache_build_is_the_one_process_build(runs):
     _check_ran(runs, "ddp")
-    files = lambda root: {p.relative_to(root).as_posix(): p.read_bytes()  # noqa: E731
-                          for p in sorted(root.rglob("*")) if p.is_file()}
+    files = lambda root: {
+        p.relative_to(root).as_posix(): p.read_bytes()  # noqa: E731
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
     one, two = files(runs["root"] / "cache"), files(runs["root"] / "cache-ddp")
     assert len(one) > 5 and one.keys() == two.keys()
     for name in one:  # the manifests name their own folders nowhere: identical bytes
@@ -325,7 +416,16 @@ def test_presets_are_shipped_and_resolved_by_name_or_path(tmp_path):
     assert resolve_preset(str(mine), "accelerate") == str(mine)
     for argv in (["--accelerate_config", "zero3"], ["--accelerate_config=zero3"]):
         assert launch_argv([*argv, "--num_processes", "8", "train", "--mode", "asft"]) == [
-            "--config_file", zero3, "--num_processes", "8", "-m", "asft.cli", "train", "--mode", "asft"]
+            "--config_file",
+            zero3,
+            "--num_processes",
+            "8",
+            "-m",
+            "asft.cli",
+            "train",
+            "--mode",
+            "asft",
+        ]
     assert launch_argv(["--accelerate_config", str(mine), "train"])[:2] == ["--config_file", str(mine)]
     # The repository's configs/ holds the same files (one source of truth).
     repo_configs = Path(__file__).resolve().parents[1] / "configs"
@@ -333,11 +433,14 @@ def test_presets_are_shipped_and_resolved_by_name_or_path(tmp_path):
         assert {p.name for p in repo_configs.iterdir()} >= {p.name for p in presets().values()}
 
 
-@pytest.mark.parametrize("value, kind, field, hint", [
-    ("zero4", "accelerate", "accelerate_config", "ddp, fsdp, zero2, zero3"),
-    ("zero3", "deepspeed", "deepspeed_config", "zero3 is an accelerate preset"),
-    ("scripts/ds_zero2_bf16.json", "deepspeed", "deepspeed_config", "ds_zero2_bf16, ds_zero3_bf16"),
-])
+@pytest.mark.parametrize(
+    "value, kind, field, hint",
+    [
+        ("zero4", "accelerate", "accelerate_config", "ddp, fsdp, zero2, zero3"),
+        ("zero3", "deepspeed", "deepspeed_config", "zero3 is an accelerate preset"),
+        ("scripts/ds_zero2_bf16.json", "deepspeed", "deepspeed_config", "ds_zero2_bf16, ds_zero3_bf16"),
+    ],
+)
 def test_unknown_preset_names_the_field_and_lists_the_presets(value, kind, field, hint):
     with pytest.raises(ConfigError, match=field) as e:
         resolve_preset(value, kind, field)
@@ -351,8 +454,9 @@ def _launch_env(name):
 
     argv = launch_argv(["--accelerate_config", name, "--num_processes", "2", "train", "--mode", "asft"])
     args = launch_command_parser().parse_args(argv)
-    assert args.module and args.training_script == "asft.cli" and args.training_script_args == ["train", "--mode",
-                                                                                                "asft"]
+    assert (
+        args.module and args.training_script == "asft.cli" and args.training_script_args == ["train", "--mode", "asft"]
+    )
     args, defaults, _ = _validate_launch_command(args)
     if not args.use_deepspeed:
         return args, prepare_multi_gpu_env(args)
@@ -368,8 +472,14 @@ def _validated_deepspeed_config(config, tiny_model_dir, tmp_path):
 
     from asft import AnchoredSFTConfig
 
-    args = AnchoredSFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                             bf16=True, use_cpu=True, report_to="none")
+    args = AnchoredSFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        bf16=True,
+        use_cpu=True,
+        report_to="none",
+    )
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # its hidden size fills the bucket sizes
     hf = HfTrainerDeepSpeedConfig(json.loads(json.dumps(config)))
     try:  # (constructing it marks DeepSpeed active process-wide until unset)
@@ -426,15 +536,16 @@ def test_accelerate_presets_parse(name, tiny_model_dir, tmp_path):
 
 
 def test_launcher_arguments_parse(monkeypatch):
-    from asft.cli import _derived_flags, parse_train_args
+    from asft.cli.train import _derived_flags, parse_train_args
 
     base = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "unused", "--use_cpu", "true"]
     script, config = parse_train_args(base + ["--local_rank=0"])  # what the deepspeed launcher appends
     assert config.local_rank == 0
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert _derived_flags(base + ["--deepspeed_config", "ds_zero3_bf16", "--global_batch_size", "16",
-                                  "--per_device_train_batch_size", "2"]) == [
-        "--deepspeed", resolve_preset("ds_zero3_bf16", "deepspeed"), "--gradient_accumulation_steps", "4"]
+    assert _derived_flags(
+        base
+        + ["--deepspeed_config", "ds_zero3_bf16", "--global_batch_size", "16", "--per_device_train_batch_size", "2"]
+    ) == ["--deepspeed", resolve_preset("ds_zero3_bf16", "deepspeed"), "--gradient_accumulation_steps", "4"]
     with pytest.raises(ConfigError, match="deepspeed_config"):
         _derived_flags(base + ["--deepspeed_config", "zero9"])
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from asft.cli import main as asft_main
+from asft.cli.eval import main
+from asft.data.templates import render_prompt
 from asft.evaluation import EvalError
-from asft.evaluation.cli import build_parser, main
-from asft.evaluation.generation import (ALPACA_TEMPLATE, ALPACA_TEMPLATE_WITH_INPUT, GenSettings, HFBackend,
-                                        load_model, render_prompt)
-from asft.evaluation.report import markdown_table, write_results, DatasetResult
+from asft.evaluation.driver import build_parser
+from asft.evaluation.generation import GenSettings, HFBackend
+from asft.evaluation.report import DatasetResult, markdown_table, write_results
 from asft.evaluation.store import Store
+from asft.models import load_model_and_tokenizer as load_model
 from conftest import build_model, build_tokenizer
 
 
@@ -29,8 +31,21 @@ def test_help_describes_every_flag(capsys):
 
 
 def test_vllm_missing_is_one_clear_line(tmp_path, capsys):
-    code = asft_main(["eval", "--model", "m", "--task", "math", "--data", str(tmp_path / "none.jsonl"),
-                      "--output_dir", str(tmp_path / "o"), "--backend", "vllm"])
+    code = asft_main(
+        [
+            "eval",
+            "--model",
+            "m",
+            "--task",
+            "math",
+            "--data",
+            str(tmp_path / "none.jsonl"),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--backend",
+            "vllm",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "vllm" in err and "--backend hf" in err and "none.jsonl" not in err
@@ -42,16 +57,23 @@ def test_vllm_without_gpu_is_one_clear_line(tmp_path, capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["--model", "m", "--task", "math", "--data", "x.jsonl", "--output_dir", str(tmp_path),
-                 "--backend", "vllm"]) == 2
+    assert (
+        main(
+            ["--model", "m", "--task", "math", "--data", "x.jsonl", "--output_dir", str(tmp_path), "--backend", "vllm"]
+        )
+        == 2
+    )
     assert "CUDA GPU" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--task", "math", "--num_samples", "0"], "--num_samples"),
-    (["--task", "judge", "--num_samples", "2", "--temperature", "1"], "one output per instruction"),
-    (["--task", "medical", "--top_p", "0"], "--top_p"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", "math", "--num_samples", "0"], "--num_samples"),
+        (["--task", "judge", "--num_samples", "2", "--temperature", "1"], "one output per instruction"),
+        (["--task", "medical", "--top_p", "0"], "--top_p"),
+    ],
+)
 def test_bad_flags(tmp_path, capsys, argv, message):
     assert main(["--model", "m", "--data", "x.jsonl", "--output_dir", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
@@ -90,8 +112,10 @@ def test_load_model_folder_and_adapter(tiny_model_dir, tmp_path):
     assert next(model.parameters()).dtype == torch.float32 and not model.training
 
     adapter = tmp_path / "adapter"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                   LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(adapter)
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
+    ).save_pretrained(adapter)
     model, tokenizer = load_model(str(adapter))  # no tokenizer in the adapter folder: the base's
     assert isinstance(model, PeftModel) and tokenizer.chat_template
     merged, _ = load_model(str(adapter), merge_adapter=True, base_model=str(tiny_model_dir))
@@ -133,21 +157,38 @@ def test_store_resumes_and_refuses(tmp_path):
 
 
 def test_report_format(tmp_path):
-    results = [DatasetResult("a", "a.jsonl", "medqa", "accuracy", 0.5, 4, predictions=[
-        {"index": 0, "prediction": "B", "gold": "B", "correct": True}]),
-        DatasetResult("b", "b.jsonl", "mmlu", "accuracy", 1.0, 2), DatasetResult("c", "c.jsonl", "x", "accuracy",
-                                                                                None, 0)]
+    results = [
+        DatasetResult(
+            "a",
+            "a.jsonl",
+            "medqa",
+            "accuracy",
+            0.5,
+            4,
+            predictions=[{"index": 0, "prediction": "B", "gold": "B", "correct": True}],
+        ),
+        DatasetResult("b", "b.jsonl", "mmlu", "accuracy", 1.0, 2),
+        DatasetResult("c", "c.jsonl", "x", "accuracy", None, 0),
+    ]
     report = write_results(tmp_path, {"model": "m", "task": "medical"}, results)
     assert report["macro_average"] == {"metric": "accuracy", "value": 0.75, "n_datasets": 2}
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["datasets"]["a"] == {"file": "a.jsonl", "format": "medqa", "metric": "accuracy", "value": 0.5, "n": 4}
-    assert json.loads((tmp_path / "predictions.jsonl").read_text()) == {"dataset": "a", "index": 0,
-                                                                       "prediction": "B", "gold": "B", "correct": True}
+    assert json.loads((tmp_path / "predictions.jsonl").read_text()) == {
+        "dataset": "a",
+        "index": 0,
+        "prediction": "B",
+        "gold": "B",
+        "correct": True,
+    }
     table = markdown_table(report)
     assert "| c | accuracy | - | 0 |" in table and "| **macro average** | accuracy | 0.7500 |" in table
     # Every number results.json holds is a column of the printed table (drift's nll, pass@k beside avg@n, ...).
-    more = write_results(tmp_path, {"model": "m", "task": "math"}, [
-        DatasetResult("m", "m.jsonl", "gsm8k", "avg@4", 0.25, 8, extra={"pass@1": 0.125, "pass@4": 0.5})])
+    more = write_results(
+        tmp_path,
+        {"model": "m", "task": "math"},
+        [DatasetResult("m", "m.jsonl", "gsm8k", "avg@4", 0.25, 8, extra={"pass@1": 0.125, "pass@4": 0.5})],
+    )
     table = markdown_table(more).splitlines()
     assert table[0] == "| dataset | metric | value | n | pass@1 | pass@4 |"
     assert table[2] == "| m | avg@4 | 0.2500 | 8 | 0.1250 | 0.5000 |"

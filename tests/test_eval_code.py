@@ -8,10 +8,10 @@ from math import comb
 
 import pytest
 
+from asft.cli.eval import main
 from asft.evaluation import EvalDataError, EvalError
 from asft.evaluation import code as code_task
 from asft.evaluation import sandbox as sandbox_mod
-from asft.evaluation.cli import main
 from asft.evaluation.code import extract_code, load, pass_at_k, pass_at_ks, postprocess, truncate
 from asft.evaluation.sandbox import Limits, Sandbox
 from conftest import build_tokenizer
@@ -71,8 +71,10 @@ def test_hostile_batch_finishes_and_leaves_nothing(sandbox, tmp_path, monkeypatc
 
 def test_environment_is_clean(sandbox, monkeypatch):
     monkeypatch.setenv("ASFT_TEST_SECRET_TOKEN", "hunter2")
-    outcome = sandbox.run("import os\nassert 'ASFT_TEST_SECRET_TOKEN' not in os.environ, sorted(os.environ)\n"
-                          "assert os.environ['HOME'] == os.getcwd()")
+    outcome = sandbox.run(
+        "import os\nassert 'ASFT_TEST_SECRET_TOKEN' not in os.environ, sorted(os.environ)\n"
+        "assert os.environ['HOME'] == os.getcwd()"
+    )
     assert outcome.passed, outcome.reason
 
 
@@ -93,8 +95,10 @@ def test_namespaces_hold_where_active(sandbox):
     bomb = sandbox.run("import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    libc.fork()")
     assert bomb.status == "timeout", bomb
     # The parent is invisible: kill(getppid()) and kill(-1) reach nothing of ours (this test still runs).
-    sniper = sandbox.run("import ctypes, os\nlibc = ctypes.CDLL(None)\nassert os.getppid() == 0\n"
-                         "libc.kill(os.getppid(), 9)\nlibc.kill(-1, 9)")
+    sniper = sandbox.run(
+        "import ctypes, os\nlibc = ctypes.CDLL(None)\nassert os.getppid() == 0\n"
+        "libc.kill(os.getppid(), 9)\nlibc.kill(-1, 9)"
+    )
     assert sniper.passed, sniper.reason
     net = sandbox.run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)")
     assert net.status == "error" and "OSError" in net.reason, net
@@ -102,8 +106,10 @@ def test_namespaces_hold_where_active(sandbox):
     fill = sandbox.run("for i in range(20):\n    open(f'f{i}', 'wb').write(bytes(15 * 2 ** 20))")
     assert fill.status == "error" and "No space left" in fill.reason, fill
     # The read-only flag is locked: the program, root-looking in its namespace, cannot remount it writable.
-    remount = sandbox.run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-                          "assert libc.mount(None, b'/', None, 32 | 4096, None) != 0")
+    remount = sandbox.run(
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "assert libc.mount(None, b'/', None, 32 | 4096, None) != 0"
+    )
     assert remount.passed, remount.reason
 
 
@@ -121,14 +127,17 @@ def test_isolation_off_and_required(monkeypatch):
 # ------------------------------------------------------------------------------------------------------ pass@k
 
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (5, 2, 1, 2 / 5),
-    (5, 2, 2, 1 - comb(3, 2) / comb(5, 2)),  # 0.7
-    (10, 3, 3, 1 - 35 / 120),
-    (5, 0, 3, 0.0),
-    (5, 3, 3, 1.0),  # fewer than k failures: some k-subset always holds a pass
-    (1, 1, 1, 1.0),
-])
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (5, 2, 1, 2 / 5),
+        (5, 2, 2, 1 - comb(3, 2) / comb(5, 2)),  # 0.7
+        (10, 3, 3, 1 - 35 / 120),
+        (5, 0, 3, 0.0),
+        (5, 3, 3, 1.0),  # fewer than k failures: some k-subset always holds a pass
+        (1, 1, 1, 1.0),
+    ],
+)
 def test_pass_at_k_by_hand(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
@@ -146,27 +155,56 @@ ADD_TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert c
 
 
 def humaneval_rows():
-    return [{"task_id": f"T/{i}", "prompt": f"def {name}(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n",
-             "entry_point": name, "test": ADD_TEST, "canonical_solution": "    return a + b\n"}
-            for i, name in enumerate(["add", "plus"])]
+    return [
+        {
+            "task_id": f"T/{i}",
+            "prompt": f'def {name}(a, b):\n    """Sum of a and b."""\n',
+            "entry_point": name,
+            "test": ADD_TEST,
+            "canonical_solution": "    return a + b\n",
+        }
+        for i, name in enumerate(["add", "plus"])
+    ]
 
 
 EVALPLUS_ROWS = [
-    {"task_id": "HumanEval/900", "prompt": "def half(x):\n    \"\"\"x divided by 2.\"\"\"\n", "entry_point": "half",
-     "canonical_solution": "    return x / 2\n", "base_input": [[2], [4]], "plus_input": [[3], [7]], "atol": 0},
-    {"task_id": "Mbpp/900", "prompt": '"""\nReverse a list.\nassert rev([1, 2]) == [2, 1]\n"""\n',
-     "entry_point": "rev", "canonical_solution": "def rev(xs):\n    return xs[::-1]\n",
-     "base_input": [[[1, 2]]], "plus_input": [[[]], [[1, 2, 3]]], "atol": 0},
+    {
+        "task_id": "HumanEval/900",
+        "prompt": 'def half(x):\n    """x divided by 2."""\n',
+        "entry_point": "half",
+        "canonical_solution": "    return x / 2\n",
+        "base_input": [[2], [4]],
+        "plus_input": [[3], [7]],
+        "atol": 0,
+    },
+    {
+        "task_id": "Mbpp/900",
+        "prompt": '"""\nReverse a list.\nassert rev([1, 2]) == [2, 1]\n"""\n',
+        "entry_point": "rev",
+        "canonical_solution": "def rev(xs):\n    return xs[::-1]\n",
+        "base_input": [[[1, 2]]],
+        "plus_input": [[[]], [[1, 2, 3]]],
+        "atol": 0,
+    },
 ]
-MBPP_ROWS = [{"task_id": 11, "text": "Write a function to add two numbers.", "test_list":
-              ["assert add(1, 2) == 3", "assert add(0, 0) == 0"], "test_setup_code": "", "code": "def add(a, b): ..."}]
+MBPP_ROWS = [
+    {
+        "task_id": 11,
+        "text": "Write a function to add two numbers.",
+        "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
+        "test_setup_code": "",
+        "code": "def add(a, b): ...",
+    }
+]
 
 
 @pytest.fixture
 def files(tmp_path):
-    return {"humaneval": write_jsonl(tmp_path / "humaneval.jsonl", humaneval_rows()),
-            "evalplus": write_jsonl(tmp_path / "plus.jsonl", EVALPLUS_ROWS),
-            "mbpp": write_jsonl(tmp_path / "mbpp.jsonl", MBPP_ROWS)}
+    return {
+        "humaneval": write_jsonl(tmp_path / "humaneval.jsonl", humaneval_rows()),
+        "evalplus": write_jsonl(tmp_path / "plus.jsonl", EVALPLUS_ROWS),
+        "mbpp": write_jsonl(tmp_path / "mbpp.jsonl", MBPP_ROWS),
+    }
 
 
 def test_formats_and_programs(files, sandbox):
@@ -191,11 +229,14 @@ def test_humaneval_shipped_file_is_found(tmp_path):
     assert fmt == "humaneval" and len(items) == 164 and items[0].meta["task_id"] == "HumanEval/0"
 
 
-@pytest.mark.parametrize("row, field", [
-    ({"task_id": "T/9", "prompt": "def f():\n", "entry_point": "f x", "test": "pass"}, "entry_point"),
-    ({"task_id": "T/9", "prompt": "", "entry_point": "f", "test": "pass"}, "prompt"),
-    ({"task_id": "T/0", "prompt": "def f():\n", "entry_point": "f", "test": "pass"}, "task_id"),  # duplicate
-])
+@pytest.mark.parametrize(
+    "row, field",
+    [
+        ({"task_id": "T/9", "prompt": "def f():\n", "entry_point": "f x", "test": "pass"}, "entry_point"),
+        ({"task_id": "T/9", "prompt": "", "entry_point": "f", "test": "pass"}, "prompt"),
+        ({"task_id": "T/0", "prompt": "def f():\n", "entry_point": "f", "test": "pass"}, "task_id"),  # duplicate
+    ],
+)
 def test_bad_rows_are_located(tmp_path, row, field):
     path = write_jsonl(tmp_path / "bad.jsonl", [humaneval_rows()[0], row])
     with pytest.raises(EvalDataError) as e:
@@ -215,8 +256,7 @@ def test_bad_mbpp_and_evalplus_rows(tmp_path):
 def test_completion_postprocessing(files):
     _, (add, _) = load(str(files["humaneval"]))
     assert truncate("    return a + b\n\ndef other():\n    pass", code_task.HUMANEVAL_STOP) == "    return a + b\n"
-    assert postprocess(add, "    return a + b\nif __name__ == '__main__':\n    print(1)", "none") == \
-        "    return a + b"
+    assert postprocess(add, "    return a + b\nif __name__ == '__main__':\n    print(1)", "none") == "    return a + b"
     reply = "Sure:\n```text\nnot code\n```\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
     assert postprocess(add, reply, "chat") == "\ndef add(a, b):\n    return a + b\n"
     assert extract_code("```python\ndef f():\n    return 1") == "def f():\n    return 1"  # cut off, unclosed
@@ -227,8 +267,12 @@ def test_completion_postprocessing(files):
 
 
 def test_mbpp_setup_code_and_imports_run_before_the_tests(tmp_path, sandbox):
-    row = {**MBPP_ROWS[0], "test_imports": ["import math"], "test_setup_code": "OFFSET = 0",
-           "test_list": ["assert add(1, 2) == math.floor(3.5) + OFFSET"]}
+    row = {
+        **MBPP_ROWS[0],
+        "test_imports": ["import math"],
+        "test_setup_code": "OFFSET = 0",
+        "test_list": ["assert add(1, 2) == math.floor(3.5) + OFFSET"],
+    }
     _, (item,) = load(str(write_jsonl(tmp_path / "m.jsonl", [row])))
     assert sandbox.run(code_task.program(item, "def add(a, b):\n    return a + b")).passed
 
@@ -236,23 +280,48 @@ def test_mbpp_setup_code_and_imports_run_before_the_tests(tmp_path, sandbox):
 # ------------------------------------------------------------------------------------------- grading samples
 
 HE_SAMPLES = {  # completion -> expected status; per problem, in this order
-    "T/0": [("    return a + b\n", "passed"), ("    return a - b\n", "failed"), ("    return a +\n", "syntax_error"),
-            ("    while True:\n        pass\n", "timeout")],
-    "T/1": [("    x = bytearray(16 * 1024 ** 3)\n    return x\n", "memory"),
-            ("    import os\n    os.fork()\n", "error"), ("    import os\n    os.kill(os.getppid(), 9)\n", "error"),
-            ("    return b + a\n", "passed")],
+    "T/0": [
+        ("    return a + b\n", "passed"),
+        ("    return a - b\n", "failed"),
+        ("    return a +\n", "syntax_error"),
+        ("    while True:\n        pass\n", "timeout"),
+    ],
+    "T/1": [
+        ("    x = bytearray(16 * 1024 ** 3)\n    return x\n", "memory"),
+        ("    import os\n    os.fork()\n", "error"),
+        ("    import os\n    os.kill(os.getppid(), 9)\n", "error"),
+        ("    return b + a\n", "passed"),
+    ],
 }
 
 
 def grade(data, samples, out, *extra):
-    return main(["--task", "code", "--data", str(data), "--samples", str(samples), "--output_dir", str(out),
-                 "--quiet", "--code_timeout", str(TIMEOUT), "--code_memory_mb", "512", "--code_workers", "2",
-                 *extra])
+    return main(
+        [
+            "--task",
+            "code",
+            "--data",
+            str(data),
+            "--samples",
+            str(samples),
+            "--output_dir",
+            str(out),
+            "--quiet",
+            "--code_timeout",
+            str(TIMEOUT),
+            "--code_memory_mb",
+            "512",
+            "--code_workers",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def test_grading_samples_and_resume(files, tmp_path, monkeypatch):
-    samples = write_jsonl(tmp_path / "samples.jsonl", [{"task_id": t, "completion": c}
-                                                       for t, rows in HE_SAMPLES.items() for c, _ in rows])
+    samples = write_jsonl(
+        tmp_path / "samples.jsonl", [{"task_id": t, "completion": c} for t, rows in HE_SAMPLES.items() for c, _ in rows]
+    )
     out = tmp_path / "out"
     assert grade(files["humaneval"], samples, out, "--k", "1,2,4,10") == 0
     report = json.loads((out / "results.json").read_text())
@@ -280,12 +349,15 @@ def test_grading_samples_and_resume(files, tmp_path, monkeypatch):
 
 
 def test_evalplus_reports_base_and_plus(files, tmp_path):
-    samples = write_jsonl(tmp_path / "s.jsonl", [
-        {"task_id": "HumanEval/900", "completion": "    return x / 2\n"},
-        {"task_id": "HumanEval/900", "completion": "    return x // 2\n"},  # base only
-        {"task_id": "Mbpp/900", "solution": "def rev(xs):\n    return list(reversed(xs))\n"},
-        {"task_id": "Mbpp/900", "solution": "def rev(xs):\n    return [xs[1], xs[0]]\n"},  # base only
-    ])
+    samples = write_jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {"task_id": "HumanEval/900", "completion": "    return x / 2\n"},
+            {"task_id": "HumanEval/900", "completion": "    return x // 2\n"},  # base only
+            {"task_id": "Mbpp/900", "solution": "def rev(xs):\n    return list(reversed(xs))\n"},
+            {"task_id": "Mbpp/900", "solution": "def rev(xs):\n    return [xs[1], xs[0]]\n"},  # base only
+        ],
+    )
     out = tmp_path / "out"
     assert grade(files["evalplus"], samples, out, "--k", "1,2") == 0
     plus = json.loads((out / "results.json").read_text())["datasets"]["plus"]
@@ -296,8 +368,9 @@ def test_evalplus_reports_base_and_plus(files, tmp_path):
 
 
 def test_bad_samples_are_refused(files, tmp_path, capsys):
-    unknown = write_jsonl(tmp_path / "u.jsonl", [{"task_id": "T/0", "completion": "x"},
-                                                 {"task_id": "T/7", "completion": "x"}])
+    unknown = write_jsonl(
+        tmp_path / "u.jsonl", [{"task_id": "T/0", "completion": "x"}, {"task_id": "T/7", "completion": "x"}]
+    )
     assert grade(files["humaneval"], unknown, tmp_path / "o1") == 2
     assert "u.jsonl:2" in capsys.readouterr().err
     partial = write_jsonl(tmp_path / "p.jsonl", [{"task_id": "T/0", "completion": "    return a + b\n"}])
@@ -325,18 +398,42 @@ def returns_7(tmp_path_factory):
 
 
 def test_forced_model_end_to_end(returns_7, tmp_path):
-    rows = [{"task_id": f"S/{gold}", "prompt": "def answer():\n", "entry_point": "answer",
-             "test": f"def check(f):\n    assert f() == {gold}\n"} for gold in (7, 8)]
+    rows = [
+        {
+            "task_id": f"S/{gold}",
+            "prompt": "def answer():\n",
+            "entry_point": "answer",
+            "test": f"def check(f):\n    assert f() == {gold}\n",
+        }
+        for gold in (7, 8)
+    ]
     data = write_jsonl(tmp_path / "seven.jsonl", rows)
     out = tmp_path / "out"
-    args = ["--model", str(returns_7), "--task", "code", "--data", str(data), "--output_dir", str(out), "--quiet",
-            "--template", "none", "--max_new_tokens", "12", "--code_timeout", str(TIMEOUT)]
+    args = [
+        "--model",
+        str(returns_7),
+        "--task",
+        "code",
+        "--data",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--quiet",
+        "--template",
+        "none",
+        "--max_new_tokens",
+        "12",
+        "--code_timeout",
+        str(TIMEOUT),
+    ]
     assert main(args) == 0
     report = json.loads((out / "results.json").read_text())
     assert report["datasets"]["seven"]["value"] == 0.5 and report["sandbox"]["child_process"]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert [(r["completion"], r["passed"], r["status"]) for r in rows] == [("\treturn 7", True, "passed"),
-                                                                          ("\treturn 7", False, "failed")]
+    assert [(r["completion"], r["passed"], r["status"]) for r in rows] == [
+        ("\treturn 7", True, "passed"),
+        ("\treturn 7", False, "failed"),
+    ]
     written = [json.loads(line) for line in (out / "samples-seven.jsonl").read_text().splitlines()]
     assert written == [{"task_id": "S/7", "completion": "\treturn 7"}, {"task_id": "S/8", "completion": "\treturn 7"}]
     # The written samples grade to the same result without the model.
@@ -368,11 +465,40 @@ def test_generation_stops_at_the_stop_sequence(tmp_path):
     tok = build_tokenizer()
     ids = tok.encode("\treturn 7\nif")
     model = save_forced(tmp_path / "loops", ids[0], dict(zip(ids, ids[1:] + [ids[0]])))
-    data = write_jsonl(tmp_path / "one.jsonl", [{"task_id": "S/0", "prompt": "def answer():", "entry_point": "answer",
-                                                 "test": "def check(f):\n    assert f() == 7\n"}])
+    data = write_jsonl(
+        tmp_path / "one.jsonl",
+        [
+            {
+                "task_id": "S/0",
+                "prompt": "def answer():",
+                "entry_point": "answer",
+                "test": "def check(f):\n    assert f() == 7\n",
+            }
+        ],
+    )
     out = tmp_path / "out"
-    assert main(["--model", str(model), "--task", "code", "--data", str(data), "--output_dir", str(out), "--quiet",
-                 "--template", "none", "--max_new_tokens", "60", "--code_timeout", str(TIMEOUT)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(model),
+                "--task",
+                "code",
+                "--data",
+                str(data),
+                "--output_dir",
+                str(out),
+                "--quiet",
+                "--template",
+                "none",
+                "--max_new_tokens",
+                "60",
+                "--code_timeout",
+                str(TIMEOUT),
+            ]
+        )
+        == 0
+    )
     raw = json.loads((out / "generations.jsonl").read_text())["output"]["completion"]
     assert raw.count("return") == 1 and raw.startswith("\treturn 7\nif")
     row = json.loads((out / "predictions.jsonl").read_text())

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+from asft.cli.eval import main
 from asft.data import load_examples, tokenize
-from asft.evaluation import generation
-from asft.evaluation.cli import main
+from asft.evaluation import drift as generation
 from conftest import build_model, build_tokenizer
 from test_eval_medical import write_jsonl
 
@@ -28,9 +28,11 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rows = [{"prompt": "what is the sum of two numbers", "completion": " 4"},
-            {"prompt": "the quick brown fox", "completion": " jumps over the lazy dog."},
-            {"instruction": "patient heart", "response": "treatment"}]
+    rows = [
+        {"prompt": "what is the sum of two numbers", "completion": " 4"},
+        {"prompt": "the quick brown fox", "completion": " jumps over the lazy dog."},
+        {"instruction": "patient heart", "response": "treatment"},
+    ]
     d = tmp_path_factory.mktemp("drift-data")
     return f"{write_jsonl(d / 'pc.jsonl', rows[:2])},{write_jsonl(d / 'alpaca.jsonl', rows[2:])}"
 
@@ -60,8 +62,22 @@ def expected_drift(model, reference, data, template="chat"):
 
 
 def drift(model, data, out, *extra):
-    return main(["--model", str(model), "--task", "drift", "--data", data, "--output_dir", str(out), "--quiet",
-                 "--batch_size", "2", *extra])
+    return main(
+        [
+            "--model",
+            str(model),
+            "--task",
+            "drift",
+            "--data",
+            data,
+            "--output_dir",
+            str(out),
+            "--quiet",
+            "--batch_size",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def results(out):
@@ -73,8 +89,7 @@ def test_full_model_against_base(models, data, tmp_path):
     assert drift(tuned, data, tmp_path / "o", "--base_model", str(base)) == 0
     from transformers import AutoModelForCausalLM
 
-    want = expected_drift(AutoModelForCausalLM.from_pretrained(tuned), AutoModelForCausalLM.from_pretrained(base),
-                          data)
+    want = expected_drift(AutoModelForCausalLM.from_pretrained(tuned), AutoModelForCausalLM.from_pretrained(base), data)
     got = results(tmp_path / "o")
     for r, (kl, nll, ref_nll) in zip(got, want):
         assert r["metric"] == "kl" and r["value"] > 0
@@ -98,8 +113,10 @@ def test_adapter_against_its_own_base(models, data, tmp_path):
 
     base, _ = models
     # init_lora_weights=False: random B, so the adapter really changes the model.
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     peft.save_pretrained(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base)
@@ -116,7 +133,7 @@ def test_needs_a_reference(models, data, tmp_path, capsys):
 
 
 def test_unrenderable_row_fails_before_loading(models, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generation, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(generation, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded a model"))
     turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns}])
     assert drift(models[1], str(path), tmp_path / "o", "--base_model", str(models[0]), "--template", "alpaca") == 2

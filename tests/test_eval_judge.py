@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from asft.evaluation.cli import main
+from asft.cli.eval import main
 from asft.evaluation.judge import bootstrap_ci, judge_pairs, parse_verdict
 from asft.evaluation.judge_http import JudgeClient, JudgeFatal
 from asft.evaluation.store import JsonlLog
@@ -92,10 +92,12 @@ def client(server, **kw):
 
 
 def test_both_orders_retries_and_failures(server, tmp_path):
-    pairs = [("RATE: win", "good answer", "BAD reference"),
-             ("GARBLED", "BAD answer", "fine reference"),
-             ("UNSURE tie", "one answer", "another answer"),
-             ("FAIL always", "a", "b")]
+    pairs = [
+        ("RATE: win", "good answer", "BAD reference"),
+        ("GARBLED", "BAD answer", "fine reference"),
+        ("UNSURE tie", "one answer", "another answer"),
+        ("FAIL always", "a", "b"),
+    ]
     delays = []
     judged = judge_pairs(client(server, sleep=delays.append), pairs, cache=JsonlLog(tmp_path / "j.jsonl"))
     assert [j["score"] for j in judged] == [1.0, 0.0, 0.5, None]
@@ -164,18 +166,40 @@ def answers_7(tmp_path_factory):
 
 
 def test_cli_end_to_end(server, answers_7, tmp_path, monkeypatch, capsys):
-    rows = [{"instruction": "say hi", "output": "BAD reference", "generator": "gpt4", "dataset": "helpful_base"},
-            {"instruction": "RATE tell me", "output": "fine reference", "generator": "gpt4", "dataset": "koala"},
-            {"instruction": "explain", "output": "ok", "generator": "gpt4", "dataset": "koala"},
-            {"instruction": "FAIL this", "output": "x", "generator": "gpt4", "dataset": "koala"}]
+    rows = [
+        {"instruction": "say hi", "output": "BAD reference", "generator": "gpt4", "dataset": "helpful_base"},
+        {"instruction": "RATE tell me", "output": "fine reference", "generator": "gpt4", "dataset": "koala"},
+        {"instruction": "explain", "output": "ok", "generator": "gpt4", "dataset": "koala"},
+        {"instruction": "FAIL this", "output": "x", "generator": "gpt4", "dataset": "koala"},
+    ]
     data = tmp_path / "alpaca_eval.json"
     data.write_text(json.dumps(rows))
     monkeypatch.setenv("MY_JUDGE_KEY", KEY)
     out = tmp_path / "out"
-    args = ["--model", str(answers_7), "--task", "judge", "--data", str(data), "--output_dir", str(out),
-            "--max_new_tokens", "4", "--judge_base_url", url(server), "--judge_model", "judge-1",
-            "--judge_api_key_env", "MY_JUDGE_KEY", "--judge_max_retries", "2", "--judge_retry_delay", "0.001",
-            "--bootstrap_samples", "200"]
+    args = [
+        "--model",
+        str(answers_7),
+        "--task",
+        "judge",
+        "--data",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_new_tokens",
+        "4",
+        "--judge_base_url",
+        url(server),
+        "--judge_model",
+        "judge-1",
+        "--judge_api_key_env",
+        "MY_JUDGE_KEY",
+        "--judge_max_retries",
+        "2",
+        "--judge_retry_delay",
+        "0.001",
+        "--bootstrap_samples",
+        "200",
+    ]
     assert main(args) == 0
     r = json.loads((out / "results.json").read_text())["datasets"]["alpaca_eval"]
     assert (r["metric"], r["n"], r["n_failed"]) == ("win_rate", 3, 1)
@@ -183,7 +207,8 @@ def test_cli_end_to_end(server, answers_7, tmp_path, monkeypatch, capsys):
     assert r["ci_low"] <= r["value"] <= r["ci_high"]
     assert [f["index"] for f in r["failed"]] == [3]
     assert r["mean_length_model"] == 1.0 and r["mean_length_reference"] == pytest.approx(
-        sum(len(x["output"]) for x in rows) / 4)
+        sum(len(x["output"]) for x in rows) / 4
+    )
     outputs = json.loads((out / "model_outputs.json").read_text())
     assert outputs[0] == {"instruction": "say hi", "output": "7", "generator": "my-model", "dataset": "helpful_base"}
     assert server.state["auth"] == {f"Bearer {KEY}"}
@@ -214,8 +239,19 @@ def test_without_judge_then_refused_judge(server, answers_7, tmp_path, monkeypat
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"instruction": "DENY me", "output": "r"}) + "\n")
     out = tmp_path / "o"
-    base = ["--model", str(answers_7), "--task", "judge", "--data", str(data), "--output_dir", str(out),
-            "--max_new_tokens", "4", "--quiet"]
+    base = [
+        "--model",
+        str(answers_7),
+        "--task",
+        "judge",
+        "--data",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_new_tokens",
+        "4",
+        "--quiet",
+    ]
     assert main(base) == 0  # answers only
     r = json.loads((out / "results.json").read_text())["datasets"]["d"]
     assert r["value"] is None and r["judged"] is False and "| d | win_rate | - | 0 |" in capsys.readouterr().out

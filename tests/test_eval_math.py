@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from asft.cli.eval import main
 from asft.evaluation import EvalDataError
-from asft.evaluation.cli import main
 from asft.evaluation.math import extract_answer, is_correct, load
 from conftest import build_tokenizer
 from test_eval_medical import save_forced, write_jsonl
@@ -45,16 +45,19 @@ def test_non_equivalent_answers(completion, gold):
     assert not is_correct(completion, gold)
 
 
-@pytest.mark.parametrize("completion, answer", [
-    ("first \\boxed{1} then \\boxed{\\frac{a}{b^{2}}} done", "\\frac{a}{b^{2}}"),
-    ("\\fbox{7}", "7"),
-    ("$\\boxed 12$", "12"),
-    ("So the answer is: $-3$.\nCheck: ok", "-3"),
-    ("2 apples and 3 pears make 5", "5"),
-    ("ratio 3/4", "3/4"),
-    ("cut off \\boxed{\\frac{1}{2", "2"),  # an unclosed box falls back to the last number
-    ("nothing", ""),
-])
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("first \\boxed{1} then \\boxed{\\frac{a}{b^{2}}} done", "\\frac{a}{b^{2}}"),
+        ("\\fbox{7}", "7"),
+        ("$\\boxed 12$", "12"),
+        ("So the answer is: $-3$.\nCheck: ok", "-3"),
+        ("2 apples and 3 pears make 5", "5"),
+        ("ratio 3/4", "3/4"),
+        ("cut off \\boxed{\\frac{1}{2", "2"),  # an unclosed box falls back to the last number
+        ("nothing", ""),
+    ],
+)
 def test_extract_answer(completion, answer):
     assert extract_answer(completion) == answer
 
@@ -82,12 +85,15 @@ def test_formats(tmp_path):
     assert fmt == "answer" and items[0].gold == "204"
 
 
-@pytest.mark.parametrize("row, field", [
-    ({"question": "q", "answer": "no final line"}, "answer"),
-    ({"problem": "p", "solution": "no box"}, "solution"),
-    ({"problem": "p", "answer": None}, "answer"),
-    ({"problem": "", "answer": "1"}, "problem"),
-])
+@pytest.mark.parametrize(
+    "row, field",
+    [
+        ({"question": "q", "answer": "no final line"}, "answer"),
+        ({"problem": "p", "solution": "no box"}, "solution"),
+        ({"problem": "p", "answer": None}, "answer"),
+        ({"problem": "", "answer": "1"}, "problem"),
+    ],
+)
 def test_bad_rows_are_located(tmp_path, row, field):
     first = {"question": "q", "answer": "#### 1"} if "question" in row else {"problem": "p", "answer": "1"}
     if "solution" in row:
@@ -109,23 +115,42 @@ def answers_7(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("math-data")
-    gsm = write_jsonl(d / "gsm8k.jsonl", [{"question": f"q{i}", "answer": f"... #### {g}"}
-                                          for i, g in enumerate([7, 8, 7, 9])])
+    gsm = write_jsonl(
+        d / "gsm8k.jsonl", [{"question": f"q{i}", "answer": f"... #### {g}"} for i, g in enumerate([7, 8, 7, 9])]
+    )
     aime = write_jsonl(d / "aime.jsonl", [{"problem": "p", "answer": "7"}, {"problem": "p2", "answer": "007"}])
     return f"{gsm},{aime}"
 
 
 def run_math(model, data, out, *extra):
-    return main(["--model", str(model), "--task", "math", "--data", data, "--output_dir", str(out), "--quiet",
-                 "--max_new_tokens", "4", *extra])
+    return main(
+        [
+            "--model",
+            str(model),
+            "--task",
+            "math",
+            "--data",
+            data,
+            "--output_dir",
+            str(out),
+            "--quiet",
+            "--max_new_tokens",
+            "4",
+            *extra,
+        ]
+    )
 
 
 def test_forced_model_greedy_and_sampled(answers_7, data, tmp_path):
     out = tmp_path / "greedy"
     assert run_math(answers_7, data, out) == 0
     report = json.loads((out / "results.json").read_text())
-    assert report["datasets"]["gsm8k"] | {} == {**report["datasets"]["gsm8k"], "metric": "accuracy", "value": 0.5,
-                                               "n": 4}
+    assert report["datasets"]["gsm8k"] | {} == {
+        **report["datasets"]["gsm8k"],
+        "metric": "accuracy",
+        "value": 0.5,
+        "n": 4,
+    }
     assert report["datasets"]["aime"]["value"] == 1.0  # "007" and "7" are the same number
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert {r["completion"] for r in rows} == {"7"} and [r["correct"] for r in rows[:4]] == [True, False, True, False]
@@ -149,8 +174,9 @@ def test_rerun_with_other_settings_is_refused(answers_7, data, tmp_path, capsys)
     # A larger --limit is the same run, continued: only the new items are generated.
     assert run_math(answers_7, data, out, "--limit", "2") == 0
     assert len((out / "generations.jsonl").read_text().splitlines()) == 4
-    assert run_math(answers_7, data, out, "--limit", "1", "--num_samples", "2", "--temperature", "0.7",
-                    "--overwrite") == 0
+    assert (
+        run_math(answers_7, data, out, "--limit", "1", "--num_samples", "2", "--temperature", "0.7", "--overwrite") == 0
+    )
     assert "removed" in capsys.readouterr().err
 
 

@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 
-from asft.evaluation import EvalDataError, EvalError, cli, generation
-from asft.evaluation.cli import main
+from asft.cli.eval import main
+from asft.data import templates as generation
+from asft.evaluation import EvalDataError, EvalError, backends
+from asft.evaluation import driver as cli
 from asft.evaluation.medical import letter_variants, load
 from conftest import build_model, build_tokenizer
 
@@ -50,16 +52,24 @@ def write_jsonl(path, rows):
 
 
 def medqa_row(q, gold):
-    return {"question": q, "options": {"A": "aspirin", "B": "heparin", "C": "warfarin", "D": "none"},
-            "answer_idx": gold}
+    return {
+        "question": q,
+        "options": {"A": "aspirin", "B": "heparin", "C": "warfarin", "D": "none"},
+        "answer_idx": gold,
+    }
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("medical")
     medqa = write_jsonl(d / "medqa.jsonl", [medqa_row(f"q{i}", g) for i, g in enumerate("ABBC")])
-    medmcqa = write_jsonl(d / "medmcqa.jsonl", [{"question": f"m{i}", "opa": "a", "opb": "b", "opc": "c",
-                                                 "opd": "d", "cop": cop} for i, cop in enumerate([1, 1, 3])])
+    medmcqa = write_jsonl(
+        d / "medmcqa.jsonl",
+        [
+            {"question": f"m{i}", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": cop}
+            for i, cop in enumerate([1, 1, 3])
+        ],
+    )
     mmlu = d / "mmlu.json"
     mmlu.write_text(json.dumps([{"question": "x", "choices": ["p", "q", "r", "s"], "answer": a} for a in (1, 2)]))
     return {"medqa": medqa, "medmcqa": medmcqa, "mmlu": mmlu}
@@ -80,15 +90,21 @@ def test_formats_and_prompt(files):
     assert fmt == "mmlu" and [it.gold for it in items] == ["B", "C"]
 
 
-@pytest.mark.parametrize("content, line, field", [
-    ('{"question": "q", "options": {"A": "x", "B": "y"}, "answer_idx": "A"}\n{bad json\n', 2, None),
-    ('{"question": "q", "options": {"A": "x", "B": "y"}}\n', 1, "answer_idx"),
-    ('{"question": "q", "options": {"A": "x", "B": "y"}, "answer_idx": "C"}\n', 1, "answer_idx"),
-    ('{"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 4}\n', 1, "cop"),
-    ('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"choices": ["a", "b"], "answer": 0}\n', 2,
-     "question"),
-    ('{"prompt": "q", "label": 1}\n', 1, None),
-])
+@pytest.mark.parametrize(
+    "content, line, field",
+    [
+        ('{"question": "q", "options": {"A": "x", "B": "y"}, "answer_idx": "A"}\n{bad json\n', 2, None),
+        ('{"question": "q", "options": {"A": "x", "B": "y"}}\n', 1, "answer_idx"),
+        ('{"question": "q", "options": {"A": "x", "B": "y"}, "answer_idx": "C"}\n', 1, "answer_idx"),
+        ('{"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 4}\n', 1, "cop"),
+        (
+            '{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"choices": ["a", "b"], "answer": 0}\n',
+            2,
+            "question",
+        ),
+        ('{"prompt": "q", "label": 1}\n', 1, None),
+    ],
+)
 def test_bad_rows_are_located(tmp_path, content, line, field):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
@@ -99,10 +115,22 @@ def test_bad_rows_are_located(tmp_path, content, line, field):
 
 def test_bad_data_fails_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer"))
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "options": {"A": "x"}, "answer_idx": "A"},
-                                               {"question": "q", "options": {"A": "x"}}])
-    code = main(["--model", str(tmp_path / "nowhere"), "--task", "medical", "--data", str(bad),
-                 "--output_dir", str(tmp_path / "out")])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"question": "q", "options": {"A": "x"}, "answer_idx": "A"}, {"question": "q", "options": {"A": "x"}}],
+    )
+    code = main(
+        [
+            "--model",
+            str(tmp_path / "nowhere"),
+            "--task",
+            "medical",
+            "--data",
+            str(bad),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"{bad}:2: field 'answer_idx': missing" in err
     assert not (tmp_path / "out").exists()
@@ -110,14 +138,30 @@ def test_bad_data_fails_before_any_model_is_loaded(tmp_path, capsys, monkeypatch
 
 def test_letter_variants(tokenizer):
     # "A" and " A" are single tokens in the test tokenizer; " B" is two, so only "B" counts for B.
-    assert letter_variants(tokenizer, "AB") == {"A": sorted([tokenizer.encode("A")[0], tokenizer.encode(" A")[0]]),
-                                                "B": [tokenizer.encode("B")[0]]}
+    assert letter_variants(tokenizer, "AB") == {
+        "A": sorted([tokenizer.encode("A")[0], tokenizer.encode(" A")[0]]),
+        "B": [tokenizer.encode("B")[0]],
+    }
 
 
 def run_eval(model, files, out, *extra):
     data = ",".join(str(files[k]) for k in ("medqa", "medmcqa", "mmlu"))
-    return main(["--model", str(model), "--task", "medical", "--data", data, "--output_dir", str(out), "--quiet",
-                 "--batch_size", "2", *extra])
+    return main(
+        [
+            "--model",
+            str(model),
+            "--task",
+            "medical",
+            "--data",
+            data,
+            "--output_dir",
+            str(out),
+            "--quiet",
+            "--batch_size",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def test_forced_answer_gives_known_accuracy_and_resumes(always_b, files, tmp_path, capsys, monkeypatch):
@@ -137,7 +181,7 @@ def test_forced_answer_gives_known_accuracy_and_resumes(always_b, files, tmp_pat
     assert "| medqa | accuracy | 0.5000 | 4 |" in table
 
     # A rerun reuses every stored score: no model is loaded at all.
-    monkeypatch.setattr(generation, "load_model", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(backends, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("recomputed"))
     assert run_eval(always_b, files, out) == 0
     assert json.loads((out / "results.json").read_text())["datasets"] == report["datasets"]
 

@@ -24,11 +24,13 @@ def make_batch(seed=0, B=5, T=14, dtype=torch.float32):
     hidden = torch.randn(B, T, H, generator=g).to(dtype)
     ref_hidden = (hidden.float() + 0.5 * torch.randn(B, T, H, generator=g)).to(dtype)
     labels = torch.randint(0, V, (B, T), generator=g)
-    masks = [slice(0, T - 4),  # short response (3 tokens)
-             slice(0, T),  # no response tokens at all
-             slice(0, 2),  # long response (longer than a chunk)
-             slice(3, 6),  # a hole in the middle
-             slice(0, T // 2)]
+    masks = [
+        slice(0, T - 4),  # short response (3 tokens)
+        slice(0, T),  # no response tokens at all
+        slice(0, 2),  # long response (longer than a chunk)
+        slice(3, 6),  # a hole in the middle
+        slice(0, T // 2),
+    ]
     for row, cut in zip(labels, masks):
         row[cut] = -100
     return hidden, ref_hidden, labels
@@ -66,9 +68,16 @@ def assert_close(actual, expected, rtol):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(expected.detach().abs().max()))
 
 
-CASES = [("sft", "forward", "sequence"), ("dft", "forward", "sequence"), ("sft_kl", "forward", "sequence"),
-         ("sft_kl", "reverse", "sequence"), ("asft", "forward", "sequence"), ("asft", "reverse", "sequence"),
-         ("iw_sft", "forward", "sequence"), ("iw_sft", "forward", "token")]
+CASES = [
+    ("sft", "forward", "sequence"),
+    ("dft", "forward", "sequence"),
+    ("sft_kl", "forward", "sequence"),
+    ("sft_kl", "reverse", "sequence"),
+    ("asft", "forward", "sequence"),
+    ("asft", "reverse", "sequence"),
+    ("iw_sft", "forward", "sequence"),
+    ("iw_sft", "forward", "token"),
+]
 
 
 @pytest.mark.parametrize("variant", ["plain", "bias", "scale_softcap"])
@@ -162,8 +171,9 @@ def test_bfloat16_close_to_float32_naive():
         assert_close(f_loss, loss, 3e-2)
         for f_g, g in zip(f_grads, grads):
             assert_close(f_g.float(), g, 3e-2)
-        assert f_terms["kl" if mode != "sft" else "nll"] == pytest.approx(terms["kl" if mode != "sft" else "nll"],
-                                                                        rel=3e-2)
+        assert f_terms["kl" if mode != "sft" else "nll"] == pytest.approx(
+            terms["kl" if mode != "sft" else "nll"], rel=3e-2
+        )
 
 
 def test_autocast_float32_master_weights():
@@ -214,6 +224,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     def broken(fn, **kw):
         def run(*a, **k):
             raise RuntimeError("no compiler")
+
         return run
 
     monkeypatch.setattr(fused, "KERNELS", fused._Kernels())
@@ -261,8 +272,9 @@ def test_tiny_llama_end_to_end(tokenizer, tie):
     with torch.no_grad():
         ref_hidden = reference.model(ids).last_hidden_state
     hidden = policy.model(ids).last_hidden_state
-    f_loss, f_terms = fused_token_loss("asft", hidden, labels, lm_head_of(policy), ref_hidden,
-                                       lm_head_of(reference), chunk_size=7, **kw)
+    f_loss, f_terms = fused_token_loss(
+        "asft", hidden, labels, lm_head_of(policy), ref_hidden, lm_head_of(reference), chunk_size=7, **kw
+    )
     f_loss.backward()
     assert_close(f_loss.detach(), loss.detach(), 1e-5)
     assert f_terms == pytest.approx(terms, rel=1e-5)

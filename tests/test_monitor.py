@@ -14,20 +14,39 @@ from test_trainer import uneven_dataset
 def short_run(tokenizer, out, mode, monitor, implementation="fused", peft=False):
     """Weights and per-step logged records of a 4-step AdamW run that moves the weights a lot."""
     args = AnchoredSFTConfig(
-        output_dir=str(out), mode=mode, monitor_kl=monitor, per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, max_steps=4, learning_rate=3e-2, report_to="none", save_strategy="no",
-        logging_steps=1, loss_implementation=implementation, fused_chunk_size=5, seed=0, disable_tqdm=True,
-        use_cpu=True)
-    trainer = AnchoredSFTTrainer(build_model(tokenizer, seed=1), args=args, train_dataset=uneven_dataset(tokenizer),
-                                 processing_class=tokenizer, peft_config=lora_config(4, 8, 0.0) if peft else None)
+        output_dir=str(out),
+        mode=mode,
+        monitor_kl=monitor,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        learning_rate=3e-2,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        loss_implementation=implementation,
+        fused_chunk_size=5,
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = AnchoredSFTTrainer(
+        build_model(tokenizer, seed=1),
+        args=args,
+        train_dataset=uneven_dataset(tokenizer),
+        processing_class=tokenizer,
+        peft_config=lora_config(4, 8, 0.0) if peft else None,
+    )
     trainer.train()
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return trainer, weights, [r for r in rows if "loss" in r and "train_runtime" not in r]
 
 
-@pytest.mark.parametrize("mode,implementation,peft", [("sft", "fused", False), ("dft", "fused", False),
-                                                      ("dft", "naive", False), ("sft", "fused", True)])
+@pytest.mark.parametrize(
+    "mode,implementation,peft",
+    [("sft", "fused", False), ("dft", "fused", False), ("dft", "naive", False), ("sft", "fused", True)],
+)
 def test_monitor_kl_changes_nothing_but_the_log(tokenizer, tmp_path, mode, implementation, peft):
     _, plain, plain_log = short_run(tokenizer, tmp_path / "plain", mode, False, implementation, peft)
     trainer, watched, watched_log = short_run(tokenizer, tmp_path / "watched", mode, True, implementation, peft)

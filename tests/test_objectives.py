@@ -58,7 +58,10 @@ def make_batch(seed=0, B=3, T=9, V=37):
 
 
 CASES = [(m, "forward", "sequence") for m in MODES] + [
-    ("sft_kl", "reverse", "sequence"), ("asft", "reverse", "sequence"), ("iw_sft", "forward", "token")]
+    ("sft_kl", "reverse", "sequence"),
+    ("asft", "reverse", "sequence"),
+    ("iw_sft", "forward", "token"),
+]
 
 
 @pytest.mark.parametrize("mode,direction,iw_level", CASES)
@@ -68,8 +71,17 @@ def test_loss_and_gradient_match_plain_implementation(mode, direction, iw_level)
     ours = logits.clone().requires_grad_()
     theirs = logits.clone().double().requires_grad_()
     ref_arg = ref if mode in ("sft_kl", "asft", "iw_sft") else None
-    loss, terms = token_loss(mode, ours, labels, ref_arg, kl_weight=0.1, kl_direction=direction, iw_max=1.5,
-                             iw_level=iw_level, num_items_in_batch=n_items)
+    loss, terms = token_loss(
+        mode,
+        ours,
+        labels,
+        ref_arg,
+        kl_weight=0.1,
+        kl_direction=direction,
+        iw_max=1.5,
+        iw_level=iw_level,
+        num_items_in_batch=n_items,
+    )
     expected = reference_loss(mode, theirs, labels, ref_arg, 0.1, direction, 1.5, iw_level, n_items)
     loss.backward()
     expected.backward()

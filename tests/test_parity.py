@@ -12,16 +12,22 @@ from asft.cli import main
 from asft.data import IGNORE_INDEX, Row, to_example, tokenize
 
 # The paper's PROMPT_DICT, spelled out: no newline after "### Response:".
-PAPER_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-                  "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
-PAPER_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                    "{instruction}\n\n### Input:\n{input}\n\n### Response:")
+PAPER_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:"
+)
+PAPER_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    "{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
 
-ROWS = [{"instruction": "what is 2 + 3", "input": "", "output": "The answer is 5"},
-        {"instruction": "add the numbers", "input": "4 and 1", "output": "4 + 1 = 5"},
-        {"instruction": "name a fruit", "input": "", "output": ".apple, the quick one"},  # punctuation at the seam
-        {"instruction": "what is the sum", "input": "7 8", "output": "The answer is 15, the sum of two numbers"}]
+ROWS = [
+    {"instruction": "what is 2 + 3", "input": "", "output": "The answer is 5"},
+    {"instruction": "add the numbers", "input": "4 and 1", "output": "4 + 1 = 5"},
+    {"instruction": "name a fruit", "input": "", "output": ".apple, the quick one"},  # punctuation at the seam
+    {"instruction": "what is the sum", "input": "7 8", "output": "The answer is 15, the sum of two numbers"},
+]
 
 
 def paper_preprocess(row, tokenizer):
@@ -80,12 +86,47 @@ def test_training_matches_the_papers_script(tiny_model_dir, tokenizer, tmp_path)
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     lr, kl_weight, steps = 1e-3, 0.05, 3
     out = tmp_path / "asft"
-    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
-                 str(out), "--template", "alpaca", "--loss_normalization", "micro_batch", "--optim", "adamw_torch",
-                 "--mode", "asft", "--kl_weight", str(kl_weight), "--learning_rate", str(lr), "--lr_scheduler_type",
-                 "constant", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-                 "--max_steps", str(steps), "--train_sampling_strategy", "sequential", "--save_strategy", "no",
-                 "--use_cpu", "--disable_tqdm", "true"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--data_path",
+                str(data),
+                "--output_dir",
+                str(out),
+                "--template",
+                "alpaca",
+                "--loss_normalization",
+                "micro_batch",
+                "--optim",
+                "adamw_torch",
+                "--mode",
+                "asft",
+                "--kl_weight",
+                str(kl_weight),
+                "--learning_rate",
+                str(lr),
+                "--lr_scheduler_type",
+                "constant",
+                "--per_device_train_batch_size",
+                "2",
+                "--gradient_accumulation_steps",
+                "2",
+                "--max_steps",
+                str(steps),
+                "--train_sampling_strategy",
+                "sequential",
+                "--save_strategy",
+                "no",
+                "--use_cpu",
+                "--disable_tqdm",
+                "true",
+            ]
+        )
+        == 0
+    )
     logged = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "nll" in r]
 
     # The paper's script, reimplemented: same rows, micro-batches of 2 in file order, mean per micro-batch,
@@ -98,11 +139,13 @@ def test_training_matches_the_papers_script(tiny_model_dir, tokenizer, tmp_path)
     for _ in range(steps):
         total = 0.0
         for start in (0, 2):
-            input_ids, labels, mask = _batch(items[start:start + 2], tokenizer.pad_token_id)
+            input_ids, labels, mask = _batch(items[start : start + 2], tokenizer.pad_token_id)
             with torch.no_grad():
                 ref_logits = reference(input_ids=input_ids, attention_mask=mask).logits
-            loss = paper_asft_loss(policy(input_ids=input_ids, attention_mask=mask).logits, ref_logits, labels,
-                                   kl_weight) / 2
+            loss = (
+                paper_asft_loss(policy(input_ids=input_ids, attention_mask=mask).logits, ref_logits, labels, kl_weight)
+                / 2
+            )
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

@@ -44,7 +44,7 @@ def _asft_argv(command: str) -> list[str] | None:
         tokens = shlex.split(tokens[-1])
     for i, token in enumerate(tokens):
         if token == "asft" or (token == "asft.cli" and tokens[i - 1] in ("-m", "--module")):
-            argv = tokens[i + 1:]
+            argv = tokens[i + 1 :]
             argv = argv[: argv.index("&&")] if "&&" in argv else argv
             return None if "..." in argv or any(a in ("[train", "COMMAND", "NAME") for a in argv) else argv
     return None
@@ -58,10 +58,11 @@ COMMANDS = _all()
 
 
 def parse(argv: list[str]) -> None:
-    from asft.cli import merge_lora_parser, parse_train_args
-    from asft.data_cli import _parser as data_parser
-    from asft.evaluation.cli import build_parser as eval_parser
-    from asft.presets import launch_argv, resolve_preset
+    from asft.cli.data import _parser as data_parser
+    from asft.cli.launch import launch_argv, resolve_preset
+    from asft.cli.merge import parser as merge_lora_parser
+    from asft.cli.train import parse_train_args
+    from asft.evaluation.driver import build_parser as eval_parser
 
     command, rest = argv[0], argv[1:]
     if command == "train":
@@ -71,7 +72,7 @@ def parse(argv: list[str]) -> None:
         from accelerate.commands.launch import launch_command_parser
 
         launch_command_parser().parse_args(launch_argv(rest))
-        parse_train_args(rest[rest.index("train") + 1:])
+        parse_train_args(rest[rest.index("train") + 1 :])
     elif command == "eval":
         eval_parser().parse_args(rest)
     elif command == "data":
@@ -83,15 +84,15 @@ def parse(argv: list[str]) -> None:
     elif command == "quickstart":
         assert rest == []
     elif command == "cache-reference":
-        from asft.cache_cli import _parser as cache_parser
+        from asft.cli.cache import _parser as cache_parser
 
         cache_parser().parse_args(rest)
     elif command == "rl":
-        from asft.rl import parse_rl_args
+        from asft.cli.rl import parse_rl_args
 
         parse_rl_args(rest)
     elif command in ("plot", "compare"):
-        from asft import reporting
+        from asft.cli import report as reporting
 
         getattr(reporting, f"{command}_parser")().parse_args(rest)
     else:

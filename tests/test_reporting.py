@@ -18,19 +18,74 @@ def write_jsonl(path, rows):
 def runs(tiny_model_dir, tmp_path_factory):
     """Two tiny runs (sft with --monitor_kl, asft), each evaluated with asft eval --task medical into its folder."""
     d = tmp_path_factory.mktemp("reporting")
-    train = write_jsonl(d / "train.jsonl", [{"instruction": f"what is {a} + {b}?", "response": f"{a + b}"}
-                                            for a in range(3) for b in range(3)])
-    med = write_jsonl(d / "med.jsonl", [{"question": f"patient {i} has a heart disease", "answer_idx": "ABC"[i % 3],
-                                         "options": {"A": "heart", "B": "blood", "C": "dog"}} for i in range(6)])
+    train = write_jsonl(
+        d / "train.jsonl",
+        [{"instruction": f"what is {a} + {b}?", "response": f"{a + b}"} for a in range(3) for b in range(3)],
+    )
+    med = write_jsonl(
+        d / "med.jsonl",
+        [
+            {
+                "question": f"patient {i} has a heart disease",
+                "answer_idx": "ABC"[i % 3],
+                "options": {"A": "heart", "B": "blood", "C": "dog"},
+            }
+            for i in range(6)
+        ],
+    )
     out = {}
     for mode, extra in (("sft", ["--monitor_kl", "true"]), ("asft", ["--use_lora", "--lora_r", "4"])):
         run = d / mode
-        assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--data_path", str(train),
-                     "--output_dir", str(run), "--mode", mode, "--per_device_train_batch_size", "3",
-                     "--learning_rate", "3e-2", "--max_steps", "4", "--logging_steps", "1", "--save_strategy", "no",
-                     "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0", *extra]) == 0
-        assert main(["eval", "--task", "medical", "--model", str(run), "--data", str(med), "--output_dir",
-                     str(run / "eval-medical"), "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--model_name_or_path",
+                    str(tiny_model_dir),
+                    "--data_path",
+                    str(train),
+                    "--output_dir",
+                    str(run),
+                    "--mode",
+                    mode,
+                    "--per_device_train_batch_size",
+                    "3",
+                    "--learning_rate",
+                    "3e-2",
+                    "--max_steps",
+                    "4",
+                    "--logging_steps",
+                    "1",
+                    "--save_strategy",
+                    "no",
+                    "--use_cpu",
+                    "true",
+                    "--disable_tqdm",
+                    "true",
+                    "--seed",
+                    "0",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "eval",
+                    "--task",
+                    "medical",
+                    "--model",
+                    str(run),
+                    "--data",
+                    str(med),
+                    "--output_dir",
+                    str(run / "eval-medical"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         out[mode] = run
     out["data"], out["med"] = train, med
     return out
@@ -72,8 +127,23 @@ def test_plot_refuses_a_metric_no_run_logged(runs, capsys):
 
 def test_compare_table_numbers_are_the_inputs(runs, tmp_path):
     outside = tmp_path / "eval-outside"  # an evaluation kept outside the run folder, found by its model path
-    assert main(["eval", "--task", "medical", "--model", str(runs["sft"]), "--data", str(runs["med"]),
-                 "--output_dir", str(outside), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "medical",
+                "--model",
+                str(runs["sft"]),
+                "--data",
+                str(runs["med"]),
+                "--output_dir",
+                str(outside),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report_dir = tmp_path / "report"
     assert main(["compare", str(runs["sft"]), str(runs["asft"]), str(outside), "--output_dir", str(report_dir)]) == 0
     report = json.loads((report_dir / "comparison.json").read_text())
@@ -108,26 +178,37 @@ def test_compare_uses_the_last_in_training_evaluation(runs, tmp_path):
     for step, value in ((2, 0.25), (10, 0.5)):
         d = step_dir / "eval_task" / "math" / f"step-{step:06d}"
         d.mkdir(parents=True)
-        (d / "results.json").write_text(json.dumps({"task": "math", "datasets": {"test": {
-            "metric": "accuracy", "value": value, "n": 4}}, "macro_average": {"value": value}}))
+        (d / "results.json").write_text(
+            json.dumps(
+                {
+                    "task": "math",
+                    "datasets": {"test": {"metric": "accuracy", "value": value, "n": 4}},
+                    "macro_average": {"value": value},
+                }
+            )
+        )
     write_jsonl(step_dir / "metrics.jsonl", [{"step": 10, "loss": 1.5}])
     [row] = collect([step_dir])
     assert row.results == {"math:test accuracy": 0.5}
     assert row.notes == ["run: math:test accuracy from the in-training evaluation at step 10"]
     explicit = step_dir / "eval-math"  # an `asft eval` of the final model wins over the in-training number
     explicit.mkdir()
-    (explicit / "results.json").write_text(json.dumps({"task": "math", "datasets": {"test": {
-        "metric": "accuracy", "value": 0.75, "n": 4}}}))
+    (explicit / "results.json").write_text(
+        json.dumps({"task": "math", "datasets": {"test": {"metric": "accuracy", "value": 0.75, "n": 4}}})
+    )
     [row] = collect([step_dir])
     assert row.results == {"math:test accuracy": 0.75} and row.notes == []
 
 
-@pytest.mark.parametrize("content,where", [
-    ('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": \n', "metrics.jsonl:2: not valid JSON"),
-    ('{"step": 1, "loss": 2.0}\n[1, 2]\n', "metrics.jsonl:2: expected a JSON object"),
-    ('{"loss": 2.0}\n', "metrics.jsonl:1: field 'step'"),
-    ('', "metrics.jsonl: no records"),
-])
+@pytest.mark.parametrize(
+    "content,where",
+    [
+        ('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": \n', "metrics.jsonl:2: not valid JSON"),
+        ('{"step": 1, "loss": 2.0}\n[1, 2]\n', "metrics.jsonl:2: expected a JSON object"),
+        ('{"loss": 2.0}\n', "metrics.jsonl:1: field 'step'"),
+        ("", "metrics.jsonl: no records"),
+    ],
+)
 def test_malformed_metrics_file_names_file_and_line(tmp_path, capsys, content, where):
     run = tmp_path / "run"
     run.mkdir()
@@ -169,6 +250,20 @@ def test_probs_histogram_counts_every_response_token(runs, tiny_model_dir, tmp_p
     patches = fig.get_axes()[0].patches
     assert len(patches) == 2
     out = tmp_path / "probs.png"
-    assert main(["plot", "--kind", "probs", str(tiny_model_dir), str(runs["asft"]), "--data", str(runs["data"]),
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "--kind",
+                "probs",
+                str(tiny_model_dir),
+                str(runs["asft"]),
+                "--data",
+                str(runs["data"]),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes()[:4] == b"\x89PNG"

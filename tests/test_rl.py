@@ -2,20 +2,28 @@
 a LoRA start, and one-line errors."""
 
 import json
-from pathlib import Path
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from asft.cli import main
-from asft.rl import prepare
-from asft.rl_rewards import GuardedReward, build_rewards, extract_letter
+from asft.cli.rl import prepare
+from asft.rl.rewards import GuardedReward, build_rewards, extract_letter
 
-TERMS = ["reward", "reward_std", "accuracy", "frac_reward_zero_std", "completions/mean_length",
-         "clip_ratio/region_mean", "rewards/math_reward/errors", "rewards/math_reward/timeouts"]
+TERMS = [
+    "reward",
+    "reward_std",
+    "accuracy",
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "clip_ratio/region_mean",
+    "rewards/math_reward/errors",
+    "rewards/math_reward/timeouts",
+]
 
 
 # ---------------------------------------------------------------------------------- user rewards (module:function)
@@ -37,11 +45,17 @@ def flaky_reward(prompts, completions, **kwargs):
 
 def test_math_reward_right_wrong_unparseable():
     math_reward, fmt = build_rewards("math", True, [], timeout=5)
-    completions = ["2 + 3 = 5, so the answer is \\boxed{5}.", "I get \\boxed{6}.", "no idea", "\\boxed{\\frac{10}{2}}",
-                   "The answer is 5"]
+    completions = [
+        "2 + 3 = 5, so the answer is \\boxed{5}.",
+        "I get \\boxed{6}.",
+        "no idea",
+        "\\boxed{\\frac{10}{2}}",
+        "The answer is 5",
+    ]
     logged = {}
-    scores = math_reward(prompts=[""] * 5, completions=completions, gold=["5"] * 5,
-                         log_metric=lambda k, v: logged.__setitem__(k, v))
+    scores = math_reward(
+        prompts=[""] * 5, completions=completions, gold=["5"] * 5, log_metric=lambda k, v: logged.__setitem__(k, v)
+    )
     assert scores == [1.0, 0.0, 0.0, 1.0, 1.0]
     assert logged["accuracy"] == pytest.approx(3 / 5)
     assert logged["rewards/math_reward/errors"] == 0 and logged["rewards/math_reward/timeouts"] == 0
@@ -78,8 +92,12 @@ def test_a_grading_that_times_out_or_raises_scores_zero_and_is_counted():
     logged = {}
     timed = GuardedReward("slow", slow, timeout=0.2)
     start = time.monotonic()
-    scores = timed(prompts=[""] * 3, completions=["ok", "slow", "ok"], gold=["1"] * 3,
-                   log_metric=lambda k, v: logged.__setitem__(k, v))
+    scores = timed(
+        prompts=[""] * 3,
+        completions=["ok", "slow", "ok"],
+        gold=["1"] * 3,
+        log_metric=lambda k, v: logged.__setitem__(k, v),
+    )
     assert time.monotonic() - start < 3
     assert scores == [1.0, 0.0, 1.0] and timed.timeouts == 1 and logged["rewards/slow/timeouts"] == 1
     raising = GuardedReward("broken", broken, timeout=1)
@@ -101,17 +119,44 @@ def test_a_user_batch_reward_that_raises_costs_only_the_bad_completions():
 @pytest.fixture(scope="module")
 def problems(tmp_path_factory):
     path = tmp_path_factory.mktemp("problems") / "math.jsonl"
-    rows = [{"question": f"what is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a in range(4)
-            for b in range(2)]
+    rows = [
+        {"question": f"what is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+        for a in range(4)
+        for b in range(2)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def rl_args(model, data, out, *extra, reward=("--reward", "math")):
-    return ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out), *reward,
-            "--reward_funcs", "test_rl:length_reward", "--num_generations", "4", "--per_device_train_batch_size",
-            "4", "--max_completion_length", "12", "--learning_rate", "1e-3", "--use_cpu", "true",
-            "--gradient_checkpointing", "false", "--disable_tqdm", "true", "--seed", "1", *extra]
+    return [
+        "--model_name_or_path",
+        str(model),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        *reward,
+        "--reward_funcs",
+        "test_rl:length_reward",
+        "--num_generations",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_completion_length",
+        "12",
+        "--learning_rate",
+        "1e-3",
+        "--use_cpu",
+        "true",
+        "--gradient_checkpointing",
+        "false",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "1",
+        *extra,
+    ]
 
 
 def records(out):
@@ -131,18 +176,43 @@ def asft_run(tiny_model_dir, tmp_path_factory):
     """A finished `asft train --mode asft` run on the tiny model: the RL start (and not its base)."""
     tmp = tmp_path_factory.mktemp("asft-run")
     data = tmp / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"add {a} and 1", "response": f"{a + 1}"}) + "\n"
-                            for a in range(4)))
+    data.write_text(
+        "".join(json.dumps({"instruction": f"add {a} and 1", "response": f"{a + 1}"}) + "\n" for a in range(4))
+    )
     out = tmp / "run"
-    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
-                 str(out), "--mode", "asft", "--max_steps", "2", "--per_device_train_batch_size", "2",
-                 "--learning_rate", "1e-2", "--use_cpu", "true", "--disable_tqdm", "true"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--data_path",
+                str(data),
+                "--output_dir",
+                str(out),
+                "--mode",
+                "asft",
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "2",
+                "--learning_rate",
+                "1e-2",
+                "--use_cpu",
+                "true",
+                "--disable_tqdm",
+                "true",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_grpo_step_from_an_asft_run_uses_the_run_as_reference(asft_run, tiny_model_dir, problems, tmp_path):
-    trainer, _, config, _ = prepare(rl_args(asft_run, problems, tmp_path / "rl", "--algorithm", "grpo",
-                                            "--beta", "0.1", "--max_steps", "1"))
+    trainer, _, config, _ = prepare(
+        rl_args(asft_run, problems, tmp_path / "rl", "--algorithm", "grpo", "--beta", "0.1", "--max_steps", "1")
+    )
     assert config.loss_type == "grpo" and config.beta == 0.1
     start, base = load_file(asft_run / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
     ref = trainer.ref_model.state_dict()
@@ -164,9 +234,19 @@ def test_dapo_step_changes_the_weights_and_logs_its_terms(tiny_model_dir, proble
     # without it (the length reward alone judges the groups) dynamic sampling is on, as DAPO runs by default.
     # With beta = 0 the loss has no KL term; `kl` to the start is still logged unless --monitor_kl false.
     extra = ["--dynamic_sampling", "false", "--monitor_kl", "false"] if math_reward else []
-    trainer, _, config, _ = prepare(rl_args(tiny_model_dir, problems, tmp_path / "rl", "--algorithm", "dapo",
-                                            "--max_steps", "1" if math_reward else "2", *extra,
-                                            reward=("--reward", "math")[:2 * math_reward]))
+    trainer, _, config, _ = prepare(
+        rl_args(
+            tiny_model_dir,
+            problems,
+            tmp_path / "rl",
+            "--algorithm",
+            "dapo",
+            "--max_steps",
+            "1" if math_reward else "2",
+            *extra,
+            reward=("--reward", "math")[: 2 * math_reward],
+        )
+    )
     assert (config.loss_type, config.epsilon_high, config.beta) == ("dapo", 0.28, 0.0)
     assert "soft_overlong_punishment_reward" in trainer.reward_func_names
     assert trainer.dynamic_sampling is not math_reward
@@ -188,14 +268,16 @@ def test_dapo_step_changes_the_weights_and_logs_its_terms(tiny_model_dir, proble
 
 
 def test_dynamic_sampling_masks_flat_groups_out_of_the_loss(tiny_model_dir, problems, tmp_path):
-    trainer, *_ = prepare(rl_args(tiny_model_dir, problems, tmp_path / "rl", "--algorithm", "dapo",
-                                  "--max_steps", "1"))
+    trainer, *_ = prepare(rl_args(tiny_model_dir, problems, tmp_path / "rl", "--algorithm", "dapo", "--max_steps", "1"))
     assert trainer.dynamic_sampling
     # Two groups of 4 (this process holds all 8): the first all wrong (no signal), the second mixed.
     trainer._gathered_rewards = torch.tensor([[0.0, 0.3]] * 4 + [[1.0, 0.0], [0.0, 0.0], [1.0, 0.1], [0.0, 0.0]])
     trainer.num_generations = 4
-    out = {"completion_ids": torch.ones(8, 3, dtype=torch.long), "completion_mask": torch.ones(8, 3, dtype=torch.long),
-           "num_items_in_batch": torch.tensor(24)}
+    out = {
+        "completion_ids": torch.ones(8, 3, dtype=torch.long),
+        "completion_mask": torch.ones(8, 3, dtype=torch.long),
+        "num_items_in_batch": torch.tensor(24),
+    }
     trainer._drop_flat_groups(out)
     assert out["completion_mask"].sum(1).tolist() == [0, 0, 0, 0, 3, 3, 3, 3]
     assert out["num_items_in_batch"].item() == 12
@@ -222,8 +304,9 @@ def test_resume_continues_the_same_run(tiny_model_dir, problems, tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "dapo"])
-def test_a_lora_start_trains_only_the_adapter_against_the_starting_adapter(tiny_model_dir, problems, tmp_path,
-                                                                          algorithm):
+def test_a_lora_start_trains_only_the_adapter_against_the_starting_adapter(
+    tiny_model_dir, problems, tmp_path, algorithm
+):
     # grpo: the KL term (beta 0.1) uses TRL's frozen "ref" copy; dapo (beta 0): --monitor_kl makes that copy.
     from peft import get_peft_model
 
@@ -234,8 +317,20 @@ def test_a_lora_start_trains_only_the_adapter_against_the_starting_adapter(tiny_
     config.init_lora_weights = False  # a trained-looking adapter: not the identity
     get_peft_model(load_model(str(tiny_model_dir)), config).save_pretrained(adapter)
     extra = ["--beta", "0.1"] if algorithm == "grpo" else ["--dynamic_sampling", "false"]
-    trainer, *_ = prepare(rl_args(adapter, problems, tmp_path / "rl", "--algorithm", algorithm, *extra,
-                                  "--max_steps", "1", "--base_model", str(tiny_model_dir)))
+    trainer, *_ = prepare(
+        rl_args(
+            adapter,
+            problems,
+            tmp_path / "rl",
+            "--algorithm",
+            algorithm,
+            *extra,
+            "--max_steps",
+            "1",
+            "--base_model",
+            str(tiny_model_dir),
+        )
+    )
     before = weights(trainer.model)
     trainer.train()
     moved = changed(before, weights(trainer.model))
@@ -258,8 +353,23 @@ def test_a_merged_adapter_start_trains_all_weights_against_the_merged_model(tiny
     config.init_lora_weights = False
     get_peft_model(load_model(str(tiny_model_dir)), config).save_pretrained(adapter)
     out = tmp_path / "rl"
-    trainer, *_ = prepare(rl_args(adapter, problems, out, "--algorithm", "grpo", "--beta", "0.1", "--max_steps", "1",
-                                  "--base_model", str(tiny_model_dir), "--merge_adapter", "true"))
+    trainer, *_ = prepare(
+        rl_args(
+            adapter,
+            problems,
+            out,
+            "--algorithm",
+            "grpo",
+            "--beta",
+            "0.1",
+            "--max_steps",
+            "1",
+            "--base_model",
+            str(tiny_model_dir),
+            "--merge_adapter",
+            "true",
+        )
+    )
     assert not hasattr(trainer.model, "peft_config")
     merged = load_file(out / "start-merged" / "model.safetensors")
     base = load_file(tiny_model_dir / "model.safetensors")
@@ -274,8 +384,12 @@ def test_a_merged_adapter_start_trains_all_weights_against_the_merged_model(tiny
 
 def test_bad_rows_and_flags_give_one_line_errors(tiny_model_dir, problems, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n"
-                   + json.dumps({"question": "2+2?", "answer": "four"}) + "\n")
+    bad.write_text(
+        json.dumps({"question": "1+1?", "answer": "#### 2"})
+        + "\n"
+        + json.dumps({"question": "2+2?", "answer": "four"})
+        + "\n"
+    )
     cases = [
         (rl_args(tiny_model_dir, bad, tmp_path / "o1"), f"{bad}:2: field 'answer'"),
         (rl_args(tiny_model_dir, bad, tmp_path / "o2", "--num_generation", "4"), "did you mean --num_generations"),
@@ -296,15 +410,29 @@ def test_bad_rows_and_flags_give_one_line_errors(tiny_model_dir, problems, tmp_p
 def test_a_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_model_dir, problems, tmp_path):
     from transformers import TrainerCallback
 
-    from asft.trainer import TrainingDivergedError, last_checkpoint
+    from asft.errors import TrainingDivergedError
+    from asft.training.checkpoints import last_checkpoint
 
     class PoisonReference(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             with torch.no_grad():
                 trainer.ref_model.lm_head.weight[:] = float("nan")  # the KL term goes NaN at the next step
 
-    trainer, *_ = prepare(rl_args(tiny_model_dir, problems, tmp_path / "rl", "--algorithm", "grpo", "--beta", "0.1",
-                                  "--max_steps", "3", "--save_steps", "1"))
+    trainer, *_ = prepare(
+        rl_args(
+            tiny_model_dir,
+            problems,
+            tmp_path / "rl",
+            "--algorithm",
+            "grpo",
+            "--beta",
+            "0.1",
+            "--max_steps",
+            "3",
+            "--save_steps",
+            "1",
+        )
+    )
     trainer.add_callback(PoisonReference())
     with pytest.raises(TrainingDivergedError, match="step 2") as err:
         trainer.train()
@@ -315,14 +443,16 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir, problems
     import os
     import signal
 
-    from asft.trainer import last_checkpoint
+    from asft.training.checkpoints import last_checkpoint
     from conftest import sigterm_once_logging
 
-    (tmp_path / "rew.py").write_text("def length(prompts, completions, **kw):\n"
-                                     "    return [len(c) % 7 / 7 for c in completions]\n")
+    (tmp_path / "rew.py").write_text(
+        "def length(prompts, completions, **kw):\n    return [len(c) % 7 / 7 for c in completions]\n"
+    )
     out = tmp_path / "rl"
-    argv = rl_args(tiny_model_dir, problems, out, "--max_steps", "100000", "--save_strategy", "no",
-                   "--reward_funcs", "rew:length")
+    argv = rl_args(
+        tiny_model_dir, problems, out, "--max_steps", "100000", "--save_strategy", "no", "--reward_funcs", "rew:length"
+    )
     returncode, output = sigterm_once_logging(["rl", *argv], out / "metrics.jsonl", cwd=tmp_path)
     assert returncode == 128 + signal.SIGTERM, output
     assert "Traceback" not in output and "--resume_from_checkpoint last" in output
@@ -331,8 +461,27 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir, problems
     step = int(checkpoint.name.split("-")[1])
     os.chdir(tmp_path)  # rew.py is imported from the working directory
     try:
-        assert main(["rl", *rl_args(tiny_model_dir, problems, out, "--max_steps", str(step + 1), "--save_strategy",
-                                    "no", "--reward_funcs", "rew:length", "--resume_from_checkpoint", "last")]) == 0
+        assert (
+            main(
+                [
+                    "rl",
+                    *rl_args(
+                        tiny_model_dir,
+                        problems,
+                        out,
+                        "--max_steps",
+                        str(step + 1),
+                        "--save_strategy",
+                        "no",
+                        "--reward_funcs",
+                        "rew:length",
+                        "--resume_from_checkpoint",
+                        "last",
+                    ),
+                ]
+            )
+            == 0
+        )
     finally:
         os.chdir(Path(__file__).parent)
     assert max(r["step"] for r in records(out)) == step + 1

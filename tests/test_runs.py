@@ -1,7 +1,6 @@
 """Runs that never lose work: exact resume, graceful SIGTERM, NaN detection, checkpoints cut short by a kill."""
 
 import json
-import os
 import shutil
 import signal
 
@@ -11,7 +10,8 @@ from safetensors.torch import load_file
 
 from asft import AnchoredSFTConfig, AnchoredSFTTrainer
 from asft.cli import main
-from asft.trainer import TrainingDivergedError, last_checkpoint
+from asft.errors import TrainingDivergedError
+from asft.training.checkpoints import last_checkpoint
 from conftest import build_model, sigterm_once_logging
 from test_trainer import uneven_dataset
 
@@ -19,21 +19,42 @@ from test_trainer import uneven_dataset
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"instruction": f"add {a} and {b}", "response": f"{a} + {b} = {a + b}"} for a in range(3)
-            for b in range(3)]
+    rows = [{"instruction": f"add {a} and {b}", "response": f"{a} + {b} = {a + b}"} for a in range(3) for b in range(3)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def args_for(model_dir, data_file, out, *extra):
-    return ["train", "--model_name_or_path", str(model_dir), "--data_path", str(data_file), "--output_dir", str(out),
-            "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--lr_scheduler_type", "linear",
-            "--logging_steps", "1", "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "3", *extra]
+    return [
+        "train",
+        "--model_name_or_path",
+        str(model_dir),
+        "--data_path",
+        str(data_file),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "5e-3",
+        "--lr_scheduler_type",
+        "linear",
+        "--logging_steps",
+        "1",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def losses(out):
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "nll" in r}
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "nll" in r
+    }
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -59,24 +80,53 @@ def test_resume_continues_the_same_run(tiny_model_dir, data_file, tmp_path, lora
 
 def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    returncode, output = sigterm_once_logging(args_for(tiny_model_dir, data_file, out, "--max_steps", "100000",
-                                                       "--save_strategy", "no", "--mode", "sft"),
-                                              out / "metrics.jsonl")
+    returncode, output = sigterm_once_logging(
+        args_for(tiny_model_dir, data_file, out, "--max_steps", "100000", "--save_strategy", "no", "--mode", "sft"),
+        out / "metrics.jsonl",
+    )
     assert returncode == 128 + signal.SIGTERM, output
     assert "Traceback" not in output and "--resume_from_checkpoint last" in output
     checkpoint = last_checkpoint(out)
     assert checkpoint is not None and (checkpoint / "model.safetensors").exists()
     step = int(checkpoint.name.split("-")[1])
-    assert main(args_for(tiny_model_dir, data_file, out, "--max_steps", str(step + 2), "--save_strategy", "no",
-                         "--mode", "sft", "--resume_from_checkpoint", "last")) == 0
+    assert (
+        main(
+            args_for(
+                tiny_model_dir,
+                data_file,
+                out,
+                "--max_steps",
+                str(step + 2),
+                "--save_strategy",
+                "no",
+                "--mode",
+                "sft",
+                "--resume_from_checkpoint",
+                "last",
+            )
+        )
+        == 0
+    )
     assert max(losses(out)) == step + 2
 
 
 def small_trainer(tokenizer, tmp_path, callbacks=(), **kwargs):
-    args = AnchoredSFTConfig(output_dir=str(tmp_path / "out"), mode="asft", per_device_train_batch_size=2,
-                             report_to="none", disable_tqdm=True, use_cpu=True, **kwargs)
-    trainer = AnchoredSFTTrainer(build_model(tokenizer), args=args, train_dataset=uneven_dataset(tokenizer),
-                                 processing_class=tokenizer, callbacks=list(callbacks))
+    args = AnchoredSFTConfig(
+        output_dir=str(tmp_path / "out"),
+        mode="asft",
+        per_device_train_batch_size=2,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        **kwargs,
+    )
+    trainer = AnchoredSFTTrainer(
+        build_model(tokenizer),
+        args=args,
+        train_dataset=uneven_dataset(tokenizer),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
     return trainer
 
 
@@ -118,8 +168,9 @@ def test_a_checkpoint_cut_short_is_passed_over(tokenizer, tmp_path, monkeypatch)
     assert resumed.state.global_step == 4
 
 
-def test_resume_after_a_kill_keeps_each_step_once_and_refuses_other_settings(tiny_model_dir, data_file, tmp_path,
-                                                                            capsys):
+def test_resume_after_a_kill_keeps_each_step_once_and_refuses_other_settings(
+    tiny_model_dir, data_file, tmp_path, capsys
+):
     out = tmp_path / "run"
     extra = ["--max_steps", "6", "--save_steps", "3", "--mode", "asft", "--kl_weight", "0.05"]
     assert main(args_for(tiny_model_dir, data_file, out, *extra)) == 0
@@ -137,7 +188,7 @@ def test_resume_after_a_kill_keeps_each_step_once_and_refuses_other_settings(tin
 
 
 def test_truncating_metrics_keeps_lines_it_cannot_read(tmp_path):
-    from asft.trainer import truncate_metrics
+    from asft.training.callbacks import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 2}\nnot json\n{"step": 3}\n')

@@ -6,7 +6,7 @@ import torch
 
 from asft import AnchoredSFTConfig, AnchoredSFTTrainer
 from asft.models import lora_config
-from asft.reference import AdapterDisabledReference
+from asft.training.reference import AdapterDisabledReference
 from conftest import build_model
 
 
@@ -25,14 +25,33 @@ def one_sgd_step(tokenizer, tmp_path, mode, batch, accum, implementation, peft=F
     """Weights after one plain-SGD step (lr 1, no clipping), so the update is exactly minus the gradient."""
     model = build_model(tokenizer, seed=1)
     args = AnchoredSFTConfig(
-        output_dir=str(tmp_path / f"{mode}-{batch}-{accum}-{implementation}"), mode=mode, kl_weight=0.5,
-        per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1, learning_rate=1.0,
-        optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", report_to="none", save_strategy="no",
-        loss_implementation=implementation, fused_chunk_size=5, seed=0, shuffle_dataset=False,
-        dataloader_drop_last=False, disable_tqdm=True, use_cpu=True,
+        output_dir=str(tmp_path / f"{mode}-{batch}-{accum}-{implementation}"),
+        mode=mode,
+        kl_weight=0.5,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        loss_implementation=implementation,
+        fused_chunk_size=5,
+        seed=0,
+        shuffle_dataset=False,
+        dataloader_drop_last=False,
+        disable_tqdm=True,
+        use_cpu=True,
     )
-    trainer = AnchoredSFTTrainer(model, args=args, train_dataset=uneven_dataset(tokenizer),
-                                 processing_class=tokenizer, peft_config=lora_config(4, 8, 0.0) if peft else None)
+    trainer = AnchoredSFTTrainer(
+        model,
+        args=args,
+        train_dataset=uneven_dataset(tokenizer),
+        processing_class=tokenizer,
+        peft_config=lora_config(4, 8, 0.0) if peft else None,
+    )
     # Same order whatever the batch size: the sampler is sequential.
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
     trainer.train()
@@ -64,11 +83,29 @@ def loss_curve(tokenizer, tmp_path, mode, implementation, peft=False):
 
     out = tmp_path / f"curve-{mode}-{implementation}-{peft}"
     args = AnchoredSFTConfig(
-        output_dir=str(out), mode=mode, kl_weight=0.5, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_steps=5, learning_rate=3e-2, report_to="none", save_strategy="no", logging_steps=1,
-        loss_implementation=implementation, fused_chunk_size=5, seed=0, disable_tqdm=True, use_cpu=True)
-    trainer = AnchoredSFTTrainer(build_model(tokenizer, seed=1), args=args, train_dataset=uneven_dataset(tokenizer),
-                                 processing_class=tokenizer, peft_config=lora_config(4, 8, 0.0) if peft else None)
+        output_dir=str(out),
+        mode=mode,
+        kl_weight=0.5,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=5,
+        learning_rate=3e-2,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        loss_implementation=implementation,
+        fused_chunk_size=5,
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = AnchoredSFTTrainer(
+        build_model(tokenizer, seed=1),
+        args=args,
+        train_dataset=uneven_dataset(tokenizer),
+        processing_class=tokenizer,
+        peft_config=lora_config(4, 8, 0.0) if peft else None,
+    )
     trainer.train()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r and "train_runtime" not in r]
@@ -121,11 +158,18 @@ def test_frozen_reference_is_loaded_from_the_checkpoint_and_never_trained(tokeni
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    args = AnchoredSFTConfig(output_dir=str(tmp_path / "out"), mode="asft", max_steps=2, learning_rate=1e-2,
-                             per_device_train_batch_size=4, report_to="none", save_strategy="no",
-                             disable_tqdm=True, use_cpu=True)
-    trainer = AnchoredSFTTrainer(model, args=args, train_dataset=uneven_dataset(tokenizer),
-                                 processing_class=tokenizer)
+    args = AnchoredSFTConfig(
+        output_dir=str(tmp_path / "out"),
+        mode="asft",
+        max_steps=2,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = AnchoredSFTTrainer(model, args=args, train_dataset=uneven_dataset(tokenizer), processing_class=tokenizer)
     ref = trainer.ref_model
     assert ref is not model and not ref.training
     assert all(not p.requires_grad for p in ref.parameters())
@@ -140,17 +184,22 @@ def test_frozen_reference_is_loaded_from_the_checkpoint_and_never_trained(tokeni
 
 def test_modes_without_reference_load_none(tokenizer, tmp_path):
     args = AnchoredSFTConfig(output_dir=str(tmp_path / "o"), mode="dft", report_to="none", use_cpu=True)
-    trainer = AnchoredSFTTrainer(build_model(tokenizer), args=args, train_dataset=uneven_dataset(tokenizer),
-                                 processing_class=tokenizer)
+    trainer = AnchoredSFTTrainer(
+        build_model(tokenizer), args=args, train_dataset=uneven_dataset(tokenizer), processing_class=tokenizer
+    )
     assert trainer.reference is None and trainer.ref_model is None
 
 
 def test_config_rejects_bad_values():
     from asft.errors import ConfigError
 
-    for kwargs, field in [({"kl_weight": -0.1}, "kl_weight"), ({"mode": "ppo"}, "mode"),
-                          ({"kl_direction": "sideways"}, "kl_direction"), ({"iw_max": 0}, "iw_max"),
-                          ({"loss_implementation": "magic"}, "loss_implementation")]:
+    for kwargs, field in [
+        ({"kl_weight": -0.1}, "kl_weight"),
+        ({"mode": "ppo"}, "mode"),
+        ({"kl_direction": "sideways"}, "kl_direction"),
+        ({"iw_max": 0}, "iw_max"),
+        ({"loss_implementation": "magic"}, "loss_implementation"),
+    ]:
         with pytest.raises(ConfigError, match=field):
             AnchoredSFTConfig(output_dir="unused", **kwargs)
     assert AnchoredSFTConfig(output_dir="unused", mode="sft+kl").mode == "sft_kl"

@@ -1,6 +1,6 @@
 """asft: Anchored Supervised Fine-Tuning (ASFT) and its baselines for causal language models."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["AnchoredSFTConfig", "AnchoredSFTTrainer", "__version__"]
 
@@ -8,11 +8,11 @@ __all__ = ["AnchoredSFTConfig", "AnchoredSFTTrainer", "__version__"]
 def __getattr__(name):
     # Keep `import asft` light: the trainer pulls in TRL and transformers.
     if name == "AnchoredSFTConfig":
-        from .config import AnchoredSFTConfig
+        from .training.config import AnchoredSFTConfig
 
         return AnchoredSFTConfig
     if name == "AnchoredSFTTrainer":
-        from .trainer import AnchoredSFTTrainer
+        from .training.trainer import AnchoredSFTTrainer
 
         return AnchoredSFTTrainer
     raise AttributeError(f"module 'asft' has no attribute {name!r}")

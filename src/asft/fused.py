@@ -21,6 +21,11 @@ bucketed one of `objectives.bucketed_kl`, with pi_T = 1 - sum_K pi (a log-sum-ex
                         = pi_j - rho_T * pi_j / pi_T      for j not in K   (the tail mass spread like pi)
     reverse  dKL_b/dz_j = pi_j * (L_j - KL_b),  L_j = log pi_j - log rho_j (j in K), log pi_T - log rho_T (else)
 Softmax, log-sum-exp and KL math run in float32; matmuls run in the inputs' dtype (or autocast's).
+
+Layout, as Liger Kernel's chunked_loss/: `_Chunks` owns the chunking (logits buffers, the loop, the gradient pushed
+through the lm_head); a reference source chosen once per call (`_NoReference`, `_OnlineReference`,
+`_CachedReference`) defines only one chunk's stats and logit gradient; the token weight w is a step of its own
+between the two (`_Settings.weights`), which the gradients take as given.
 """
 
 from __future__ import annotations
@@ -60,8 +65,10 @@ def lm_head_of(model) -> LMHead:
 
         if isinstance(module, BaseTunerLayer) and module.active_adapters and not module.merged:
             # Its `weight` is the base weight alone: the adapter's delta would be silently dropped.
-            raise NotImplementedError("the fused loss does not support an adapter on the lm_head; "
-                                      "use loss_implementation='naive' or leave lm_head out of target_modules")
+            raise NotImplementedError(
+                "the fused loss does not support an adapter on the lm_head; "
+                "use loss_implementation='naive' or leave lm_head out of target_modules"
+            )
     except ImportError:
         pass
     # The same config fields TRL's add_fused_lm_head reads (trl/trainer/utils.py).
@@ -75,8 +82,12 @@ def lm_head_of(model) -> LMHead:
         # Granite and MiniCPM3 divide by it, HyperCLOVA X multiplies.
         scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
     softcap = getattr(cfg, "final_logit_softcapping", None)
-    return LMHead(module.weight, getattr(module, "bias", None), 1.0 if scale is None else float(scale),
-                  None if softcap is None else float(softcap))
+    return LMHead(
+        module.weight,
+        getattr(module, "bias", None),
+        1.0 if scale is None else float(scale),
+        None if softcap is None else float(softcap),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,53 +169,10 @@ def _masked_lse(a, scale: float, cap):
 
 def _dense_grad(a, y, coef, w, lse, scale: float, cap, out):
     """out = d/d(raw logits) of a chunk's gradient pi * coef - w onehot(y): the whole gradient without a KL
-    (coef = w), and every vocabulary entry's share of the cached one (`_cached_grad` adds the top-k's after)."""
+    (coef = w), and every vocabulary entry's share of the cached one (`_CachedReference.grad` adds the top-k's
+    after)."""
     z = _finish(a.float(), scale, cap)
     _write_grad(torch.exp(z - lse[:, None]) * coef[:, None], z, y, w, scale, cap, out)
-
-
-def _cached_stats(a, y, c: CachedRows, scale: float, cap, direction: str):
-    """`_chunk_stats` against a cached reference: the bucketed KL (objectives.kl_over_buckets) instead of the full
-    one. Also returns log pi_T (the policy's log tail mass), which the gradient needs.
-
-    The tail's log-sum-exp runs over `a` itself with -inf written over the top-k entries, which are put back
-    after (bit for bit): `a` leaves as it came, and no [c, V] buffer beyond the logits' own is needed.
-    """
-    stats, lse, _ = KERNELS.call(0, a, None, y, scale, cap, 1.0, None, direction)
-    a_k = a.gather(1, c.ids)
-    logp_k = _finish(a_k.float(), scale, cap) - lse[:, None]
-    logpi_t = None
-    if c.ids.shape[1] < a.shape[1]:
-        a.scatter_(1, c.ids, float("-inf"))
-        try:
-            logpi_t = KERNELS.call(2, a, scale, cap) - lse
-        finally:
-            a.scatter_(1, c.ids, a_k)
-    stats[1], stats[4] = c.label, kl_over_buckets(logp_k, logpi_t, c.logp, c.tail, direction)
-    return stats, lse, torch.full_like(lse, float("-inf")) if logpi_t is None else logpi_t
-
-
-def _cached_grad(a, y, w, lse, logpi_t, kl, c: CachedRows, k: float, scale: float, cap, direction: str, out):
-    """`_chunk_grad` against a cached reference: the closed-form gradient of the bucketed KL (module docstring),
-    as a dense part for every entry (one pass into `out`, which may be `a`) plus a correction on the top-k."""
-    z_k = _finish(a.gather(1, c.ids).float(), scale, cap)  # before `out` overwrites `a`
-    pi_k = torch.exp(z_k - lse[:, None])
-    has_tail = c.ids.shape[1] < a.shape[1]
-    if direction == "forward":
-        # Every j: pi_j (w + k) - k rho_T pi_j / pi_T; then on K: + k rho_T pi_j / pi_T - k rho_j.
-        ratio = torch.where(c.tail > float("-inf"), torch.exp(c.tail - logpi_t), 0.0) if has_tail else \
-            torch.zeros_like(lse)
-        coef = w + k - k * ratio
-        fix = k * (pi_k * ratio[:, None] - c.logp.exp())
-    else:
-        # Every j: pi_j (w + k (L_T - KL)); then on K: + k pi_j (L_j - L_T). L_T is 0 when there is no tail.
-        l_t = logpi_t - c.tail if has_tail else torch.zeros_like(lse)
-        coef = w + k * (l_t - kl)
-        fix = k * pi_k * (z_k - lse[:, None] - c.logp - l_t[:, None])
-    KERNELS.call(3, a, y, coef, w, lse, scale, cap, out)
-    if cap is not None:
-        fix = fix * (1 - (z_k / cap) ** 2)
-    out.scatter_add_(1, c.ids, fix * scale if scale != 1.0 else fix)
 
 
 # Compile only chunks this big (elements of [c, V]): the fused kernels are ~6x faster than eager on CPU there, while
@@ -213,29 +181,199 @@ COMPILE_MIN_ELEMENTS = 1 << 22
 
 
 class _Kernels:
-    """The chunk functions, through torch.compile where it works (ASFT_COMPILE=0 turns it off), else eager."""
-
-    FUNCTIONS = (_chunk_stats, _chunk_grad, _masked_lse, _dense_grad)
+    """The compile state every chunk kernel shares: one decision (ASFT_COMPILE=0 turns torch.compile off) and one
+    fallback (a failure in any kernel turns them all eager for good, with a single warning)."""
 
     def __init__(self):
-        self.compiled = None  # None: not tried yet; False: eager for good
+        self.compiled = None  # None: not decided yet; False: eager for good; else {function: its compiled form}
 
-    def call(self, i: int, a: Tensor, *args):
-        eager = self.FUNCTIONS[i]
+    def run(self, fn, a: Tensor, *args):
         if self.compiled is None:
-            self.compiled = os.environ.get("ASFT_COMPILE", "1") != "0" and tuple(
-                torch.compile(f, dynamic=None) for f in self.FUNCTIONS)
-        if not self.compiled or a.numel() < COMPILE_MIN_ELEMENTS:
-            return eager(a, *args)
+            self.compiled = {} if os.environ.get("ASFT_COMPILE", "1") != "0" else False
+        if self.compiled is False or a.numel() < COMPILE_MIN_ELEMENTS:
+            return fn(a, *args)
         try:
-            return self.compiled[i](a, *args)
+            if fn not in self.compiled:
+                self.compiled[fn] = torch.compile(fn, dynamic=None)
+            return self.compiled[fn](a, *args)
         except Exception as e:  # noqa: BLE001 - no C++ compiler, no triton, ...: the same math runs eager
-            warnings.warn(f"asft.fused: torch.compile failed ({type(e).__name__}: {e}); running eager")
+            warnings.warn(f"asft.fused: torch.compile failed ({type(e).__name__}: {e}); running eager", stacklevel=2)
             self.compiled = False
-            return eager(a, *args)
+            return fn(a, *args)
 
 
 KERNELS = _Kernels()
+
+
+class _Kernel:
+    """A chunk function called by name, through `KERNELS` (looked up per call: tests swap it)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, a: Tensor, *args):
+        return KERNELS.run(self.fn, a, *args)
+
+
+STATS = _Kernel(_chunk_stats)
+GRAD = _Kernel(_chunk_grad)
+TAIL_LSE = _Kernel(_masked_lse)
+DENSE_GRAD = _Kernel(_dense_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings and reference sources: each source defines only the math of one chunk, the loop below owns the chunking.
+
+# The rows of the per-token stats [6, n]: the `_chunk_stats` rows, then the token weight.
+LOGP, LOGRHO, ENTROPY, HIT, KL, WEIGHT = range(6)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """Everything of one call but its tensors, fixed once by `fused_loss_selected`."""
+
+    mode: str  # normalized by check_arguments
+    kl_weight: float
+    kl_direction: str
+    iw_max: float
+    iw_level: str
+    chunk_size: int
+    denom: float  # the loss is a sum over tokens / denom (num_items_in_batch, or n; at least 1)
+    scale: float  # the policy head's logit scale and soft-cap
+    cap: float | None
+    ref_scale: float  # the reference head's
+    ref_cap: float | None
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return uses_kl(self.mode)  # iw-SFT reads log rho(y) for its weights, but has no KL term
+
+    @property
+    def whole_sequences(self) -> bool:
+        return self.mode == "iw_sft" and self.iw_level == "sequence"  # a weight per sequence
+
+    def weights(self, logp_y: Tensor, logrho_y: Tensor, rows: Tensor) -> Tensor:
+        """The detached weight w_t of each token's CE. The gradients below take it as given, whatever its rule."""
+        return token_weights(self.mode, logp_y, logrho_y, rows, iw_max=self.iw_max, iw_level=self.iw_level)
+
+
+class _NoReference:
+    """No reference model. Also the base of the two sources that have one: `chunk` gives what a chunk's math needs
+    of the reference (here nothing), `stats` that chunk's per-token terms and `grad` its logit gradient. The
+    kernels take ar None as "no reference", which the online source also passes to `grad` without a KL term."""
+
+    def __init__(self, cfg: _Settings):
+        self.cfg = cfg
+
+    def chunk(self, s: int, e: int):
+        return None
+
+    def stats(self, a, ar, y):
+        """(stats [5, c]: the `_chunk_stats` rows, the policy's lse, the reference's lse) of raw logits a."""
+        c = self.cfg
+        return STATS(a, ar, y, c.scale, c.cap, c.ref_scale, c.ref_cap, c.kl_direction)
+
+    def grad(self, a, ar, y, st, ls, out) -> None:
+        """Write the chunk's logit gradient into `out` from its stats st [6, c] and lses ls [2, c] (`_Chunks`)."""
+        c = self.cfg
+        GRAD(
+            a,
+            ar,
+            y,
+            st[WEIGHT],
+            ls[0],
+            ls[1],
+            st[KL],
+            c.kl_weight,
+            c.scale,
+            c.cap,
+            c.ref_scale,
+            c.ref_cap,
+            c.kl_direction,
+            out,
+        )
+
+
+class _OnlineReference(_NoReference):
+    """The reference's last hidden states through its lm_head: its logits, chunk by chunk like the policy's."""
+
+    def __init__(self, cfg: _Settings, head: _HeadRows):
+        super().__init__(cfg)
+        self.head = head
+
+    def chunk(self, s: int, e: int):
+        return self.head.logits(s, e)
+
+
+class _CachedReference(_NoReference):
+    """A cached reference (`CachedRows`): log rho(y) from the cache and the bucketed KL (module docstring). Its lses
+    row 1 holds log pi_T, the policy's log tail mass, which the gradient needs, instead of a reference lse."""
+
+    def __init__(self, cfg: _Settings, cache: CachedRows):
+        super().__init__(cfg)
+        self.cache = cache
+
+    def chunk(self, s: int, e: int) -> CachedRows:
+        return self.cache[s:e]
+
+    def stats(self, a, c: CachedRows, y):
+        """The tail's log-sum-exp runs over `a` itself with -inf written over the top-k entries, which are put back
+        after (bit for bit): `a` leaves as it came, and no [c, V] buffer beyond the logits' own is needed."""
+        scale, cap = self.cfg.scale, self.cfg.cap
+        stats, lse, _ = super().stats(a, None, y)
+        a_k = a.gather(1, c.ids)
+        logp_k = _finish(a_k.float(), scale, cap) - lse[:, None]
+        logpi_t = None
+        if c.ids.shape[1] < a.shape[1]:
+            a.scatter_(1, c.ids, float("-inf"))
+            try:
+                logpi_t = TAIL_LSE(a, scale, cap) - lse
+            finally:
+                a.scatter_(1, c.ids, a_k)
+        stats[LOGRHO], stats[KL] = c.label, kl_over_buckets(logp_k, logpi_t, c.logp, c.tail, self.cfg.kl_direction)
+        return stats, lse, torch.full_like(lse, float("-inf")) if logpi_t is None else logpi_t
+
+    def grad(self, a, c: CachedRows | None, y, st, ls, out) -> None:
+        """The closed-form gradient of w CE + k KL_b (module docstring), as a dense part for every entry (one pass
+        into `out`, which may be `a`) plus a correction on the top-k. c None: no KL term, the CE's alone."""
+        if c is None:
+            return super().grad(a, None, y, st, ls, out)
+        scale, cap = self.cfg.scale, self.cfg.cap
+        z_k = _finish(a.gather(1, c.ids).float(), scale, cap)  # before `out` overwrites `a`
+        coef, fix = self._coefficients(z_k, c, st, ls, c.ids.shape[1] < a.shape[1])
+        DENSE_GRAD(a, y, coef, st[WEIGHT], ls[0], scale, cap, out)
+        if cap is not None:
+            fix = fix * (1 - (z_k / cap) ** 2)
+        out.scatter_add_(1, c.ids, fix * scale if scale != 1.0 else fix)
+
+    def _coefficients(self, z_k, c: CachedRows, st, ls, has_tail: bool):
+        """(coef [c]: every entry's gradient is pi_j * coef, fix [c, k]: what the top-k entries add to theirs)."""
+        k, w, kl, (lse, logpi_t) = self.cfg.kl_weight, st[WEIGHT], st[KL], ls
+        pi_k = torch.exp(z_k - lse[:, None])
+        if self.cfg.kl_direction == "forward":
+            # Every j: pi_j (w + k) - k rho_T pi_j / pi_T; then on K: + k rho_T pi_j / pi_T - k rho_j.
+            ratio = (
+                torch.where(c.tail > float("-inf"), torch.exp(c.tail - logpi_t), 0.0)
+                if has_tail
+                else torch.zeros_like(lse)
+            )
+            return w + k - k * ratio, k * (pi_k * ratio[:, None] - c.logp.exp())
+        # Every j: pi_j (w + k (L_T - KL)); then on K: + k pi_j (L_j - L_T). L_T is 0 when there is no tail.
+        l_t = logpi_t - c.tail if has_tail else torch.zeros_like(lse)
+        return w + k * (l_t - kl), k * pi_k * (z_k - lse[:, None] - c.logp - l_t[:, None])
+
+
+def _reference(cfg: _Settings, policy: _HeadRows, weight: Tensor, ref_h, ref_weight, ref_bias, cached):
+    """The reference source of a call, chosen once."""
+    if cached is not None:
+        return _CachedReference(cfg, cached)
+    if ref_h is None:
+        return _NoReference(cfg)
+    # LoRA: the reference shares the policy's weight; don't cast it twice under autocast.
+    shared = ref_weight.data_ptr() == weight.data_ptr() and _compute_dtype(ref_h) == policy.dtype
+    return _OnlineReference(
+        cfg, _HeadRows(ref_h, ref_weight, ref_bias, policy.buf.shape[0], policy.weight if shared else None)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,101 +412,130 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def _run(mode, h, w_head, b_head, rh, rw_head, rb_head, y, rows, opt, cached=None):
-    """Loss sum, per-token stats [6, n] (the _chunk_stats rows + weight) and the gradients (None where not needed)."""
-    n, k, direction = y.numel(), opt["kl_weight"], opt["kl_direction"]
-    scale, cap, rscale, rcap = opt["scale"], opt["cap"], opt["rscale"], opt["rcap"]
-    kl_in_grad = uses_kl(mode)
-    dtype = _compute_dtype(h)
-    W, b = w_head.to(dtype), None if b_head is None else b_head.to(dtype)
-    hc = h.detach().to(dtype)
-    if rh is not None:
-        rdtype = _compute_dtype(rh)
-        # LoRA: the reference shares the policy's weight; don't cast it twice under autocast.
-        RW = W if rw_head.data_ptr() == w_head.data_ptr() and rdtype == dtype else rw_head.to(rdtype)
-        Rb = None if rb_head is None else rb_head.to(rdtype)
-        rhc = rh.to(rdtype)
-    need_h, need_w = h.requires_grad, w_head.requires_grad
-    need_b = b_head is not None and b_head.requires_grad
-    # Accumulate the weight/bias gradients in float32 whatever their dtype; returned in theirs. Every row of gh is
-    # written by its chunk, and gw by the first chunk (s == 0) with beta=0: no zero-fill pass over a [V, H] buffer
-    # unless no chunk runs.
-    gh = torch.empty_like(h) if need_h else None
-    gw = (torch.empty if n else torch.zeros)(w_head.shape, dtype=torch.float32, device=h.device) if need_w else None
-    gb = torch.zeros(b_head.shape, dtype=torch.float32, device=h.device) if need_b else None
-    stats = torch.zeros(6, n, dtype=torch.float32, device=h.device)
-    lses = torch.zeros(2, n, dtype=torch.float32, device=h.device)
-    inv_n = 1.0 / opt["denom"]
+class _HeadRows:
+    """Hidden rows [n, H] and an lm_head, in the compute dtype, with one logits buffer that every chunk reuses
+    (fresh [c, V] allocations cost page faults on CPU). `weight_cast`: the weight already in that dtype."""
 
-    # One logits buffer per model, reused by every chunk (fresh [c, V] allocations cost page faults on CPU); the
-    # policy's also receives the chunk's logit gradient in place when it is float32.
-    rows_max = min(opt["chunk_size"], n)
-    buf = torch.empty(rows_max, W.shape[0], dtype=dtype, device=h.device)
-    rbuf = None if rh is None else torch.empty(rows_max, RW.shape[0], dtype=rdtype, device=h.device)
-    gbuf = buf if dtype == torch.float32 else torch.empty(rows_max, W.shape[0], device=h.device)
+    def __init__(self, x: Tensor, weight: Tensor, bias: Tensor | None, rows_max: int, weight_cast=None):
+        self.dtype = _compute_dtype(x)
+        self.weight = weight.to(self.dtype) if weight_cast is None else weight_cast
+        self.bias = None if bias is None else bias.to(self.dtype)
+        self.x = x.detach().to(self.dtype)
+        self.buf = torch.empty(rows_max, self.weight.shape[0], dtype=self.dtype, device=x.device)
 
-    def logits(s, e, ref=False):
-        x, weight, bias, out = (rhc, RW, Rb, rbuf) if ref else (hc, W, b, buf)
-        out = out[: e - s]
-        if bias is None:
-            return torch.mm(x[s:e], weight.t(), out=out)
-        return torch.addmm(bias, x[s:e], weight.t(), out=out)
+    def logits(self, s: int, e: int) -> Tensor:
+        out = self.buf[: e - s]
+        if self.bias is None:
+            return torch.mm(self.x[s:e], self.weight.t(), out=out)
+        return torch.addmm(self.bias, self.x[s:e], self.weight.t(), out=out)
 
-    def weights(s, e):
-        return token_weights(mode, stats[0, s:e], stats[1, s:e], rows[s:e],
-                             iw_max=opt["iw_max"], iw_level=opt["iw_level"])
 
-    def chunk_stats(s, e, a, ar):
-        if cached is not None:  # lses[1] holds log pi_T here, what the cached gradient needs
-            stats[:5, s:e], lses[0, s:e], lses[1, s:e] = _cached_stats(a, y[s:e], cached[s:e], scale, cap, direction)
-        else:
-            stats[:5, s:e], lses[0, s:e], lses[1, s:e] = KERNELS.call(
-                0, a, ar, y[s:e], scale, cap, rscale, rcap, direction)
+class _Grads:
+    """The gradients of the hidden rows, the lm_head weight and bias (None where not needed), chunk by chunk.
 
-    def chunk_grad(s, e, a, ar, g):
-        if cached is not None and kl_in_grad:
-            _cached_grad(a, y[s:e], stats[5, s:e], lses[0, s:e], lses[1, s:e], stats[4, s:e], cached[s:e], k, scale,
-                         cap, direction, g)
-        else:
-            KERNELS.call(1, a, ar if kl_in_grad else None, y[s:e], stats[5, s:e], lses[0, s:e], lses[1, s:e],
-                         stats[4, s:e], k, scale, cap, rscale, rcap, direction, g)
+    The weight's and bias's accumulate in float32 whatever their dtype; returned in theirs. Every row of the hidden
+    gradient is written by its chunk, and the weight's by the first chunk (s == 0) with beta=0: no zero-fill pass
+    over a [V, H] buffer unless no chunk runs.
+    """
 
-    by_seq = mode == "iw_sft" and opt["iw_level"] == "sequence"
-    for group in _groups(rows, n, opt["chunk_size"], by_seq):
-        two_pass = len(group) > 1
-        if two_pass:  # iw-SFT, a sequence longer than a chunk: its weight first
+    def __init__(self, h: Tensor, weight: Tensor, bias: Tensor | None, n: int, inv_n: float):
+        dev = h.device
+        self.h = torch.empty_like(h) if h.requires_grad else None
+        self.w = (
+            (torch.empty if n else torch.zeros)(weight.shape, dtype=torch.float32, device=dev)
+            if weight.requires_grad
+            else None
+        )
+        self.b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=dev)
+            if bias is not None and bias.requires_grad
+            else None
+        )
+        self.dtypes, self.inv_n = (weight.dtype, None if bias is None else bias.dtype), inv_n
+
+    @property
+    def needed(self) -> bool:
+        return self.h is not None or self.w is not None or self.b is not None
+
+    def add(self, s: int, e: int, g: Tensor, policy: _HeadRows) -> None:
+        """Push the logit gradient g [c, V] (float32) of chunk s:e through the lm_head, times 1 / denom."""
+        if self.h is not None:
+            self.h[s:e] = (g.to(policy.dtype) @ policy.weight).mul_(self.inv_n)
+        if self.w is not None:  # float32 from the float32 logit gradient: exact accumulation in any input dtype
+            self.w.addmm_(g.t(), policy.x[s:e].float(), beta=float(s > 0), alpha=self.inv_n)
+        if self.b is not None:
+            self.b.add_(g.sum(0), alpha=self.inv_n)
+
+    def result(self):
+        w, b = self.w, self.b
+        return self.h, None if w is None else w.to(self.dtypes[0]), None if b is None else b.to(self.dtypes[1])
+
+
+class _Chunks:
+    """The chunking shared by every reference source: per-token stats and weights of all n tokens, and the
+    gradients, from the policy's logits and the source's per-chunk math."""
+
+    def __init__(self, cfg: _Settings, policy: _HeadRows, source: _NoReference, grads: _Grads, y: Tensor, rows):
+        n, dev = y.numel(), policy.x.device
+        self.cfg, self.policy, self.source, self.grads, self.y, self.rows = cfg, policy, source, grads, y, rows
+        self.stats = torch.zeros(6, n, dtype=torch.float32, device=dev)  # rows LOGP ... WEIGHT
+        self.lses = torch.zeros(2, n, dtype=torch.float32, device=dev)  # the policy's lse; the source's (`stats`)
+        # The chunk's logit gradient, in float32: in place over the policy's logits when they are float32 already.
+        buf = policy.buf
+        self.gbuf = buf if policy.dtype == torch.float32 else torch.empty(buf.shape[0], buf.shape[1], device=dev)
+
+    def run(self) -> None:
+        for group in _groups(self.rows, self.y.numel(), self.cfg.chunk_size, self.cfg.whole_sequences):
+            single = len(group) == 1
+            if not single:  # iw-SFT, a sequence longer than a chunk: its weight first
+                for s, e in group:
+                    self.measure(s, e, self.policy.logits(s, e), self.source.chunk(s, e))
+                self.weigh(group[0][0], group[-1][1])
             for s, e in group:
-                chunk_stats(s, e, logits(s, e), logits(s, e, True) if rh is not None else None)
-            gs, ge = group[0][0], group[-1][1]
-            stats[5, gs:ge] = weights(gs, ge)
-        for s, e in group:
-            a = logits(s, e)
-            ar = logits(s, e, True) if rh is not None and (kl_in_grad or not two_pass) else None
-            if not two_pass:
-                chunk_stats(s, e, a, ar)
-                stats[5, s:e] = weights(s, e)
-            if not (need_h or need_w or need_b):
-                continue
-            g = gbuf[: e - s]
-            chunk_grad(s, e, a, ar, g)
-            if need_h:
-                gh[s:e] = (g.to(dtype) @ W).mul_(inv_n)
-            if need_w:  # float32 from the float32 logit gradient: exact accumulation in any input dtype
-                gw.addmm_(g.t(), hc[s:e].float(), beta=float(s > 0), alpha=inv_n)
-            if need_b:
-                gb.add_(g.sum(0), alpha=inv_n)
-    per_token = stats[5] * -stats[0] + (k * stats[4] if kl_in_grad else 0.0)
-    if gw is not None:
-        gw = gw.to(w_head.dtype)
-    if gb is not None:
-        gb = gb.to(b_head.dtype)
-    return per_token.sum() * inv_n, stats, gh, gw, gb
+                a = self.policy.logits(s, e)
+                # A two-pass group is weighed already: there only a KL term needs the reference again.
+                ref = self.source.chunk(s, e) if single or self.cfg.kl_in_loss else None
+                if single:
+                    self.measure(s, e, a, ref)
+                    self.weigh(s, e)
+                if self.grads.needed:
+                    self.backward(s, e, a, ref)
+
+    def measure(self, s: int, e: int, a: Tensor, ref) -> None:
+        self.stats[:WEIGHT, s:e], self.lses[0, s:e], self.lses[1, s:e] = self.source.stats(a, ref, self.y[s:e])
+
+    def weigh(self, s: int, e: int) -> None:
+        st = self.stats
+        st[WEIGHT, s:e] = self.cfg.weights(st[LOGP, s:e], st[LOGRHO, s:e], self.rows[s:e])
+
+    def backward(self, s: int, e: int, a: Tensor, ref) -> None:
+        g = self.gbuf[: e - s]
+        ref = ref if self.cfg.kl_in_loss else None  # without a KL term the gradient is the weighted CE's alone
+        self.source.grad(a, ref, self.y[s:e], self.stats[:, s:e], self.lses[:, s:e], g)
+        self.grads.add(s, e, g, self.policy)
+
+    def loss(self) -> Tensor:
+        st, cfg = self.stats, self.cfg
+        per_token = st[WEIGHT] * -st[LOGP] + (cfg.kl_weight * st[KL] if cfg.kl_in_loss else 0.0)
+        return per_token.sum() * (1.0 / cfg.denom)
+
+
+def _run(cfg: _Settings, h, weight, bias, y, rows, ref_h, ref_weight, ref_bias, cached):
+    """Loss sum / denom, per-token stats [6, n] (the _chunk_stats rows + weight) and the gradients of h, weight
+    and bias (None where not needed)."""
+    n = y.numel()
+    policy = _HeadRows(h, weight, bias, min(cfg.chunk_size, n))
+    source = _reference(cfg, policy, weight, ref_h, ref_weight, ref_bias, cached)
+    grads = _Grads(h, weight, bias, n, 1.0 / cfg.denom)
+    chunks = _Chunks(cfg, policy, source, grads, y, rows)
+    chunks.run()
+    return chunks.loss(), chunks.stats, *grads.result()
 
 
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, ref_h, ref_weight, ref_bias, y, rows, mode, opt, cached):
-        loss, stats, gh, gw, gb = _run(mode, h, weight, bias, ref_h, ref_weight, ref_bias, y, rows, opt, cached)
+    def forward(ctx, h, weight, bias, ref_h, ref_weight, ref_bias, y, rows, cfg, cached):
+        loss, stats, gh, gw, gb = _run(cfg, h, weight, bias, y, rows, ref_h, ref_weight, ref_bias, cached)
         ctx.save_for_backward(gh, gw, gb)
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -379,7 +546,7 @@ class _FusedLoss(torch.autograd.Function):
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             # In place, as Liger does: a second [V, H] buffer would cost as much as the weight gradient itself.
             gh, gw, gb = (None if x is None else x.mul_(grad_loss.to(x.dtype)) for x in (gh, gw, gb))
-        return gh, gw, gb, None, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None
 
 
 def fused_loss_selected(
@@ -414,14 +581,27 @@ def fused_loss_selected(
     ref_head = ref_head or head
     n = targets.numel()
     denom = n if num_items_in_batch is None else num_items_in_batch
-    opt = dict(kl_weight=float(kl_weight), kl_direction=kl_direction, iw_max=float(iw_max), iw_level=iw_level,
-               chunk_size=int(chunk_size), denom=max(float(denom), 1.0), scale=float(head.logit_scale),
-               cap=head.softcap, rscale=float(ref_head.logit_scale), rcap=ref_head.softcap)
+    cfg = _Settings(
+        mode=mode,
+        kl_weight=float(kl_weight),
+        kl_direction=kl_direction,
+        iw_max=float(iw_max),
+        iw_level=iw_level,
+        chunk_size=int(chunk_size),
+        denom=max(float(denom), 1.0),
+        scale=float(head.logit_scale),
+        cap=head.softcap,
+        ref_scale=float(ref_head.logit_scale),
+        ref_cap=ref_head.softcap,
+    )
     ref_args = (None, None, None)
     if ref_hidden is not None:  # the reference never receives gradients
-        ref_args = (ref_hidden.detach(), ref_head.weight.detach(),
-                    None if ref_head.bias is None else ref_head.bias.detach())
-    loss, stats = _FusedLoss.apply(hidden, head.weight, head.bias, *ref_args, targets, rows, mode, opt, ref_cache)
+        ref_args = (
+            ref_hidden.detach(),
+            ref_head.weight.detach(),
+            None if ref_head.bias is None else ref_head.bias.detach(),
+        )
+    loss, stats = _FusedLoss.apply(hidden, head.weight, head.bias, *ref_args, targets, rows, cfg, ref_cache)
     if n == 0:
         return loss, {"num_tokens": 0.0}
     logp_y, _, entropy, hit, kl, weight = stats
@@ -461,6 +641,19 @@ def fused_token_loss(
     metrics, same reduction; no [tokens x vocab] tensor. Masked positions never reach the lm_head."""
     h, y, rows = select_response(hidden, labels, ignore_index)
     ref_h = None if ref_hidden is None else select_response(ref_hidden, labels, ignore_index)[0]
-    return fused_loss_selected(mode, h, y, rows, head, ref_h, ref_head, kl_weight=kl_weight,
-                               kl_direction=kl_direction, iw_max=iw_max, iw_level=iw_level,
-                               num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, ref_cache=ref_cache)
+    return fused_loss_selected(
+        mode,
+        h,
+        y,
+        rows,
+        head,
+        ref_h,
+        ref_head,
+        kl_weight=kl_weight,
+        kl_direction=kl_direction,
+        iw_max=iw_max,
+        iw_level=iw_level,
+        num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size,
+        ref_cache=ref_cache,
+    )

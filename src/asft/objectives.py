@@ -89,12 +89,16 @@ class CachedRows:
     def __len__(self) -> int:
         return self.label.shape[0]
 
-    def __getitem__(self, index) -> "CachedRows":
+    def __getitem__(self, index) -> CachedRows:
         return CachedRows(self.ids[index], self.logp[index], self.tail[index], self.label[index])
 
-    def to(self, device) -> "CachedRows":
-        return CachedRows(self.ids.to(device).long(), self.logp.to(device).float(), self.tail.to(device).float(),
-                          self.label.to(device).float())
+    def to(self, device) -> CachedRows:
+        return CachedRows(
+            self.ids.to(device).long(),
+            self.logp.to(device).float(),
+            self.tail.to(device).float(),
+            self.label.to(device).float(),
+        )
 
 
 def log_complement(z: Tensor, ids: Tensor) -> Tensor:
@@ -129,8 +133,9 @@ def bucketed_kl(logp: Tensor, cached: CachedRows, direction: str = "forward") ->
     return kl_over_buckets(logp_k, logpi_t, cached.logp, cached.tail, direction)
 
 
-def kl_over_buckets(logp_k: Tensor, logpi_t: Tensor | None, logrho_k: Tensor, logrho_t: Tensor,
-                    direction: str = "forward") -> Tensor:
+def kl_over_buckets(
+    logp_k: Tensor, logpi_t: Tensor | None, logrho_k: Tensor, logrho_t: Tensor, direction: str = "forward"
+) -> Tensor:
     """The bucketed KL from both sides' log-probabilities on K [n, k] and of the tail [n] (logpi_t None: no tail
     bucket, k = V). The one place its formula lives; `bucketed_kl` and `asft.fused` both call it."""
     if direction == "forward":

@@ -14,26 +14,28 @@ follows the output's extension (.png, .svg, .pdf).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError, DataError
+from .io import METRICS_FILE, RESULTS_FILE, RUN_FILE
 
-from .data import DataError
-from .errors import ConfigError
-
-RUN_CONFIG = "asft_run.json"  # written by asft.trainer.RunSettingsCallback
-METRICS = "metrics.jsonl"
-RESULTS = "results.json"
+RUN_CONFIG, METRICS, RESULTS = RUN_FILE, METRICS_FILE, RESULTS_FILE
 # The training terms, in the order panels and tables show them (others follow alphabetically).
 TERMS = ("loss", "nll", "weighted_nll", "kl", "mean_prob", "entropy", "token_accuracy", "grad_norm", "learning_rate")
 # Summary keys of the Trainer's last record: not curves.
-SUMMARY_KEYS = {"step", "epoch", "train_runtime", "train_samples_per_second", "train_steps_per_second",
-                "total_flos", "train_loss"}
+SUMMARY_KEYS = {
+    "step",
+    "epoch",
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "total_flos",
+    "train_loss",
+}
 LOWER_IS_BETTER = {"kl", "nll"}  # evaluation metrics where smaller wins (drift); every other one: larger wins
 
 
@@ -113,8 +115,10 @@ def is_evaluation(path: Path) -> bool:
 def _refuse(path: Path) -> None:
     if not path.exists():
         raise ConfigError(f"{path}: no such folder")
-    raise ConfigError(f"{path}: neither a training run (no {METRICS}) nor an evaluation (no {RESULTS}); give the "
-                      "output_dir of `asft train` or of `asft eval`")
+    raise ConfigError(
+        f"{path}: neither a training run (no {METRICS}) nor an evaluation (no {RESULTS}); give the "
+        "output_dir of `asft train` or of `asft eval`"
+    )
 
 
 def read_config(path: Path) -> dict:
@@ -149,15 +153,17 @@ def _pyplot():
     return plt
 
 
-def plot_metrics(runs: list[RunInfo], metrics: list[str] | None = None, output: str | Path | None = None,
-                 smooth_n: int = 1):
+def plot_metrics(
+    runs: list[RunInfo], metrics: list[str] | None = None, output: str | Path | None = None, smooth_n: int = 1
+):
     """One panel per metric, one line per run that logged it; returns the matplotlib Figure (saved if output)."""
     available = [k for k in dict.fromkeys(k for run in runs for k in numeric_keys(run.records))]
     if metrics:
         missing = [m for m in metrics if m not in available]
         if missing:
-            raise ConfigError(f"--metrics: {', '.join(missing)} not logged by any run; available: "
-                              f"{', '.join(available)}")
+            raise ConfigError(
+                f"--metrics: {', '.join(missing)} not logged by any run; available: {', '.join(available)}"
+            )
     else:
         metrics = available
     if not metrics:
@@ -170,13 +176,18 @@ def plot_metrics(runs: list[RunInfo], metrics: list[str] | None = None, output: 
         for run in runs:
             steps, values = series(run.records, key)
             if steps:
-                ax.plot(steps, smooth(values, smooth_n), label=run.label, marker="o" if len(steps) < 12 else None,
-                        markersize=3)
+                ax.plot(
+                    steps,
+                    smooth(values, smooth_n),
+                    label=run.label,
+                    marker="o" if len(steps) < 12 else None,
+                    markersize=3,
+                )
         ax.set_title(key + (f" (smoothed over {smooth_n})" if smooth_n > 1 else ""), fontsize=10)
         ax.set_xlabel("step")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.remove()
     legend = {}  # every run once, whichever panels it appears in
     for ax in fig.get_axes():
@@ -199,26 +210,32 @@ def _save(fig, output: str | Path) -> Path:
     return output
 
 
-def token_probabilities(model_path: str, data: str, *, template: str = "auto", max_length: int | None = None,
-                        limit: int | None = None, batch_size: int = 8) -> list[float]:
+def token_probabilities(
+    model_path: str,
+    data: str,
+    *,
+    template: str = "auto",
+    max_length: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> list[float]:
     """p(y_t) of every response token of the data files under the model, tokenized as training does."""
     import torch
 
-    from .data import load_examples, resolve_template, tokenize
-    from .evaluation.drift import _right_pad
-    from .evaluation.generation import load_model
+    from .data import load_examples, resolve_template, right_pad, tokenize
+    from .models import load_model_and_tokenizer
     from .objectives import select_response
 
     examples, _ = load_examples([p.strip() for p in data.split(",") if p.strip()])
     examples = examples[:limit] if limit else examples
-    model, tokenizer = load_model(model_path)
+    model, tokenizer = load_model_and_tokenizer(model_path)
     template = resolve_template(template, tokenizer)
     features = [tokenize(ex, template, tokenizer, max_length) for ex in examples]
     device = next(model.parameters()).device
     probs = []
     with torch.no_grad():
         for start in range(0, len(features), batch_size):
-            inputs = _right_pad(features[start:start + batch_size], tokenizer.pad_token_id, device)
+            inputs = right_pad(features[start : start + batch_size], tokenizer.pad_token_id, device)
             labels = inputs.pop("labels")
             z, y, _ = select_response(model(**inputs).logits, labels)
             probs += torch.log_softmax(z.float(), -1).gather(-1, y[:, None]).squeeze(-1).exp().tolist()
@@ -289,7 +306,7 @@ def _run_results(run: RunInfo) -> tuple[dict, list[str]]:
             continue
         found.update(result_columns(read_results(file), file))
     notes = []
-    for task, (step, file) in in_training.items():
+    for _task, (step, file) in in_training.items():
         cols = {k: v for k, v in result_columns(read_results(file), file).items() if k not in found}
         found.update(cols)
         if cols:
@@ -346,13 +363,20 @@ def comparison(rows: list[RunInfo]) -> dict:
     entries = []
     for r in rows:
         c, lora = r.config, r.config.get("lora")
-        entries.append({
-            "run": r.label, "path": str(r.path), "mode": c.get("mode"),
-            # kl_weight only matters where the KL is in the loss
-            "kl_weight": c.get("kl_weight") if c.get("mode") in ("sft_kl", "asft") else None,
-            "learning_rate": c.get("learning_rate"),
-            "lora": None if not c else (f"r={lora['r']}" if lora else "no"),
-            "final": _final_terms(r), "results": dict(r.results), "notes": list(r.notes)})
+        entries.append(
+            {
+                "run": r.label,
+                "path": str(r.path),
+                "mode": c.get("mode"),
+                # kl_weight only matters where the KL is in the loss
+                "kl_weight": c.get("kl_weight") if c.get("mode") in ("sft_kl", "asft") else None,
+                "learning_rate": c.get("learning_rate"),
+                "lora": None if not c else (f"r={lora['r']}" if lora else "no"),
+                "final": _final_terms(r),
+                "results": dict(r.results),
+                "notes": list(r.notes),
+            }
+        )
     best = {}
     for key in result_keys:
         values = [(e["results"].get(key), i) for i, e in enumerate(entries) if _is_number(e["results"].get(key))]
@@ -360,8 +384,15 @@ def comparison(rows: list[RunInfo]) -> dict:
             lower = key.rsplit(" ", 1)[-1] in LOWER_IS_BETTER
             top = (min if lower else max)(v for v, _ in values)
             best[key] = [i for v, i in values if v == top]
-    return {"columns": {"config": ["mode", "kl_weight", "learning_rate", "lora"], "final": term_keys,
-                        "results": result_keys}, "rows": entries, "best": best}
+    return {
+        "columns": {
+            "config": ["mode", "kl_weight", "learning_rate", "lora"],
+            "final": term_keys,
+            "results": result_keys,
+        },
+        "rows": entries,
+        "best": best,
+    }
 
 
 def _fmt(v) -> str:
@@ -396,87 +427,36 @@ def write_comparison(rows: list[RunInfo], output_dir: str | Path, metrics: list[
         w = csv.writer(f)
         w.writerow(["run", "path"] + cols["config"] + [f"final {k}" for k in cols["final"]] + cols["results"])
         for e in report["rows"]:
-            w.writerow([e["run"], e["path"]] + [e[k] for k in cols["config"]] +
-                       [e["final"].get(k) for k in cols["final"]] + [e["results"].get(k) for k in cols["results"]])
+            w.writerow(
+                [e["run"], e["path"]]
+                + [e[k] for k in cols["config"]]
+                + [e["final"].get(k) for k in cols["final"]]
+                + [e["results"].get(k) for k in cols["results"]]
+            )
     notes = [n for e in report["rows"] for n in e["notes"]]
-    text = ["# asft compare", "", markdown(report), "",
+    text = (
+        [
+            "# asft compare",
+            "",
+            markdown(report),
+            "",
             "Bold: the best value of a result column (highest; lowest for kl / nll); kl_weight is shown for the "
-            "modes whose loss holds the KL.", ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+            "modes whose loss holds the KL.",
+            "",
+        ]
+        + [f"- {n}" for n in notes]
+        + ([""] if notes else [])
+    )
     runs = [r for r in rows if r.records]
     if runs:
-        plot_metrics(runs, [m for m in (metrics or numeric_keys([x for r in runs for x in r.records]))],
-                     out / "training_curves.png")
+        plot_metrics(
+            runs,
+            [m for m in (metrics or numeric_keys([x for r in runs for x in r.records]))],
+            out / "training_curves.png",
+        )
         text += ["![training curves](training_curves.png)", ""]
     (out / "report.md").write_text("\n".join(text))
     return report
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-
-
-def plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asft plot", description="Plot training curves of runs (metrics.jsonl), or "
-                                "with --kind probs the histogram of p(y_t) per model over a dataset's responses.")
-    p.add_argument("paths", nargs="+", metavar="RUN_OR_MODEL", help="run folders (curves) or models (probs): a "
-                   "folder, LoRA adapter folder, hub id or embedded:smollm2-135m-instruct")
-    p.add_argument("--kind", default="curves", choices=["curves", "probs"], help="curves: metrics against step; "
-                   "probs: token probability histogram (default: curves)")
-    p.add_argument("--metrics", nargs="+", default=None, help="curves: keys of metrics.jsonl to plot, one panel "
-                   "each (default: every numeric key)")
-    p.add_argument("--smooth", type=int, default=1, help="curves: moving average over N points (default: 1, none)")
-    p.add_argument("--output", default=None, help="image file: .png (default), .svg or .pdf (default: "
-                   "curves.png / probs.png)")
-    p.add_argument("--data", default=None, help="probs: data file(s), comma-separated, in the training formats")
-    p.add_argument("--template", default="auto", choices=["auto", "alpaca", "chat", "none"],
-                   help="probs: prompt rendering, as in training (default: auto)")
-    p.add_argument("--max_length", type=int, default=None, help="probs: truncate each example to N tokens")
-    p.add_argument("--limit", type=int, default=None, help="probs: only the first N examples")
-    return p
-
-
-def plot_main(argv: list[str]) -> int:
-    args = plot_parser().parse_args(argv)
-    if args.smooth < 1:
-        raise ConfigError(f"--smooth: must be >= 1, got {args.smooth}")
-    output = args.output or ("probs.png" if args.kind == "probs" else "curves.png")
-    if Path(output).suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise ConfigError(f"--output: {output} must end in .png, .svg or .pdf")
-    if args.kind == "probs":
-        if not args.data:
-            raise ConfigError("--kind probs needs --data FILE (prompt/response pairs in a training format)")
-        from .data import load_examples
-
-        load_examples([d.strip() for d in args.data.split(",") if d.strip()])  # bad rows: fail before any model
-        models = {}
-        for path in args.paths:
-            print(f"p(y_t) under {path} ...", file=sys.stderr, flush=True)
-            probs = token_probabilities(path, args.data, template=args.template, max_length=args.max_length,
-                                        limit=args.limit)
-            label = Path(path).name if Path(path).exists() else path
-            models[label] = probs
-            print(f"  {label}: {len(probs)} tokens, mean p {sum(probs) / max(len(probs), 1):.4f}")
-        plot_probs(models, output)
-    else:
-        if args.data:
-            raise ConfigError("--data is for --kind probs")
-        plot_metrics([load_run(p) for p in args.paths], args.metrics, output, args.smooth)
-    print(f"Wrote {output}")
-    return 0
-
-
-def compare_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asft compare", description="Compare runs and evaluations: a markdown table "
-                                "(configuration, final training terms, every asft eval result), curves, CSV, JSON.")
-    p.add_argument("paths", nargs="+", metavar="RUN_OR_EVAL_DIR", help="output folders of asft train or asft eval")
-    p.add_argument("--output_dir", required=True, help="where report.md, comparison.csv / .json and the plots go")
-    p.add_argument("--metrics", nargs="+", default=None, help="keys of metrics.jsonl to plot (default: all)")
-    return p
-
-
-def compare_main(argv: list[str]) -> int:
-    args = compare_parser().parse_args(argv)
-    rows = collect(args.paths)
-    report = write_comparison(rows, args.output_dir, args.metrics)
-    print(markdown(report))
-    print(f"\nReport: {Path(args.output_dir) / 'report.md'}")
-    return 0

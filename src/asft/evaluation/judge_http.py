@@ -14,21 +14,14 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
-from . import EvalError
+from ..errors import JudgeFailure, JudgeFatal
 
 T = TypeVar("T")
 FATAL_STATUS = (401, 403, 404)
-
-
-class JudgeFailure(Exception):
-    """One judgment could not be obtained (retries exhausted, or a non-retryable reply)."""
-
-
-class JudgeFatal(EvalError):
-    """The endpoint refuses every call (bad key, unknown model or URL): stop instead of failing every item."""
 
 
 @dataclass
@@ -60,7 +53,7 @@ class JudgeClient:
             return e.code, e.read().decode("utf-8", "replace"), e.headers.get("Retry-After")
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
-        delay = min(self.retry_delay * 2 ** attempt, 60.0)
+        delay = min(self.retry_delay * 2**attempt, 60.0)
         try:
             return max(delay, min(float(retry_after), 60.0)) if retry_after else delay
         except ValueError:
@@ -88,8 +81,9 @@ class JudgeClient:
                     continue
             error = f"HTTP {status}: {self.redact(text[:200])!r}"
             if status in FATAL_STATUS:
-                raise JudgeFatal(f"judge endpoint {self.url} answered {error}; check --judge_base_url, "
-                                 "--judge_model and the API key")
+                raise JudgeFatal(
+                    f"judge endpoint {self.url} answered {error}; check --judge_base_url, --judge_model and the API key"
+                )
             if status != 429 and status < 500:
                 raise JudgeFailure(error)
         raise JudgeFailure(f"gave up after {self.max_retries + 1} attempts; last: {error}")

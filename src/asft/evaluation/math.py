@@ -20,15 +20,19 @@ from __future__ import annotations
 import re
 import threading
 
-from ..data import DataError, Row
+from ..data.formats import Row
+from ..data.templates import encode_prompt, render_prompt
+from ..errors import DataError
 from .datafiles import Dataset, Item, load_file, require
-from .generation import GenSettings, encode_prompt, render_prompt
+from .generation import GenSettings
 from .report import DatasetResult
 
 NAME = "math"
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-EXPECTED = "GSM8K (question, answer with '#### n'), MATH (problem, solution with \\boxed{}), or problem/question " \
-           "with answer/final_answer"
+EXPECTED = (
+    "GSM8K (question, answer with '#### n'), MATH (problem, solution with \\boxed{}), or problem/question "
+    "with answer/final_answer"
+)
 _ANSWER_IS = re.compile(r"the (?:final )?answer is[:\s]*", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
 
@@ -42,15 +46,15 @@ def last_boxed(text: str) -> str | None:
     if start < 0:
         return None
     i = start + (6 if text.startswith("\\boxed", start) else 5)
-    if text[i:i + 1] == " ":
-        return text[i + 1:].split("$")[0].split()[0] if text[i + 1:].strip() else None
-    if text[i:i + 1] != "{":
+    if text[i : i + 1] == " ":
+        return text[i + 1 :].split("$")[0].split()[0] if text[i + 1 :].strip() else None
+    if text[i : i + 1] != "{":
         return None
     depth = 0
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i + 1:j].strip()
+            return text[i + 1 : j].strip()
     return None  # unbalanced: the completion was cut off inside the box
 
 
@@ -61,7 +65,7 @@ def extract_answer(completion: str) -> str:
         return boxed
     matches = list(_ANSWER_IS.finditer(completion))
     if matches:
-        rest = completion[matches[-1].end():].split("\n")[0].strip().rstrip(".").strip().strip("$").strip()
+        rest = completion[matches[-1].end() :].split("\n")[0].strip().rstrip(".").strip().strip("$").strip()
         if rest:
             return rest
     numbers = _NUMBER.findall(completion)
@@ -157,18 +161,28 @@ def generate(run, batch: list[Item], s: GenSettings) -> list[list[dict]]:
 
 def evaluate(run, ds: Dataset) -> DatasetResult:
     s = gen_settings(run.args)
-    outputs = run.complete(ds, ds.items, lambda batch: generate(run, batch, s), samples=s.num_samples,
-                           length=lambda it: len(it.prompt))
+    outputs = run.complete(
+        ds, ds.items, lambda batch: generate(run, batch, s), samples=s.num_samples, length=lambda it: len(it.prompt)
+    )
     predictions = []
     for it in ds.items:
         completions = [o["completion"] for o in outputs[it.index]]
         answers = [extract_answer(c) for c in completions]
         correct = [answers_match(a, it.gold, run.args.math_timeout) for a in answers]
-        row = {"index": it.index, "prediction": answers[0], "gold": it.gold, "correct": correct[0],
-               "completion": completions[0]}
+        row = {
+            "index": it.index,
+            "prediction": answers[0],
+            "gold": it.gold,
+            "correct": correct[0],
+            "completion": completions[0],
+        }
         if s.num_samples > 1:
-            row.update(num_correct=sum(correct), samples=[{"prediction": a, "correct": c, "completion": t}
-                                                          for a, c, t in zip(answers, correct, completions)])
+            row.update(
+                num_correct=sum(correct),
+                samples=[
+                    {"prediction": a, "correct": c, "completion": t} for a, c, t in zip(answers, correct, completions)
+                ],
+            )
         predictions.append(row)
     return summarize(ds, predictions, s.num_samples)
 

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import string
 
-from ..data import DataError, Row
-from . import EvalError
+from ..data.formats import Row
+from ..data.templates import encode_prompt, render_prompt
+from ..errors import DataError, EvalError
 from .datafiles import Dataset, Item, load_file, require
-from .generation import encode_prompt, render_prompt
 from .report import DatasetResult
 
 NAME = "medical"
 LETTERS = string.ascii_uppercase
-EXPECTED = ("MedQA (question, options, answer_idx), MedMCQA (question, opa..opd, cop) or MMLU (question, choices, "
-            "answer)")
+EXPECTED = (
+    "MedQA (question, options, answer_idx), MedMCQA (question, opa..opd, cop) or MMLU (question, choices, answer)"
+)
 
 
 def detect(data: dict) -> str | None:
@@ -44,7 +45,7 @@ def _medqa_options(row: Row) -> list[str]:
             raise DataError(row.source, row.line, "options", "expected {letter: text} or a list of {key, value}")
         options = {o["key"]: o["value"] for o in options}
     keys = sorted(options)
-    if not keys or keys != list(LETTERS[:len(keys)]):
+    if not keys or keys != list(LETTERS[: len(keys)]):
         raise DataError(row.source, row.line, "options", f"keys must be A, B, C, ... in order, got {keys}")
     for k in keys:
         if not isinstance(options[k], str):
@@ -66,7 +67,7 @@ def parse(row: Row, fmt: str, index: int) -> Item:
     if fmt == "medqa":
         options = _medqa_options(row)
         gold = require(row, "answer_idx")
-        if gold not in LETTERS[:len(options)] or len(gold) != 1:
+        if gold not in LETTERS[: len(options)] or len(gold) != 1:
             raise DataError(row.source, row.line, "answer_idx", f"{gold!r} is not one of the option letters")
         answer = LETTERS.index(gold)
     elif fmt == "medmcqa":
@@ -77,9 +78,10 @@ def parse(row: Row, fmt: str, index: int) -> Item:
         if len(options) < 2 or not all(isinstance(o, str) for o in options):
             raise DataError(row.source, row.line, "choices", "expected a list of at least two strings")
         answer = _answer_index(row, "answer", len(options))
-    letters = LETTERS[:len(options)]
-    return Item(index, row.line, prompt=format_question(question, options), gold=letters[answer],
-                meta={"letters": letters})
+    letters = LETTERS[: len(options)]
+    return Item(
+        index, row.line, prompt=format_question(question, options), gold=letters[answer], meta={"letters": letters}
+    )
 
 
 def format_question(question: str, options: list[str]) -> str:
@@ -102,8 +104,10 @@ def letter_variants(tokenizer, letters: str) -> dict[str, list[int]]:
         ids = [tokenizer.encode(v, add_special_tokens=False) for v in (letter, " " + letter)]
         variants[letter] = sorted({i[0] for i in ids if len(i) == 1})
         if not variants[letter]:
-            raise EvalError(f"the tokenizer spells the option letter {letter!r} with several tokens in every form; "
-                            "next-token scoring needs a single-token letter")
+            raise EvalError(
+                f"the tokenizer spells the option letter {letter!r} with several tokens in every form; "
+                "next-token scoring needs a single-token letter"
+            )
         for t in variants[letter]:
             if owner.setdefault(t, letter) != letter:
                 raise EvalError(f"token {t} spells both {owner[t]!r} and {letter!r}")
@@ -123,8 +127,10 @@ def score(run, batch: list[Item]) -> list[list[dict]]:
     column = {t: i for i, t in enumerate(candidates)}
     prompts = [encode_prompt(render_prompt(it.prompt, run.template, run.tokenizer), run.tokenizer) for it in batch]
     logprobs = run.backend.next_token_logprobs(prompts, candidates)
-    return [[{"scores": {L: max(row[column[t]] for t in variants[L]) for L in it.meta["letters"]}}]
-            for it, row in zip(batch, logprobs)]
+    return [
+        [{"scores": {L: max(row[column[t]] for t in variants[L]) for L in it.meta["letters"]}}]
+        for it, row in zip(batch, logprobs)
+    ]
 
 
 def evaluate(run, ds: Dataset) -> DatasetResult:
@@ -133,8 +139,9 @@ def evaluate(run, ds: Dataset) -> DatasetResult:
     for it in ds.items:
         scores = outputs[it.index][0]["scores"]
         guess = max(scores, key=scores.get)  # ties go to the earlier letter
-        predictions.append({"index": it.index, "prediction": guess, "gold": it.gold, "correct": guess == it.gold,
-                            "scores": scores})
+        predictions.append(
+            {"index": it.index, "prediction": guess, "gold": it.gold, "correct": guess == it.gold, "scores": scores}
+        )
     n = len(predictions)
     value = sum(p["correct"] for p in predictions) / n if n else None
     return DatasetResult(ds.name, ds.path, ds.format, "accuracy", value, n, predictions=predictions)

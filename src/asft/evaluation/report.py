@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .store import write_json
+from ..io import RESULTS_FILE, atomic_path, write_json
 
 
 @dataclass
@@ -23,29 +22,41 @@ class DatasetResult:
     predictions: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"file": self.file, "format": self.format, "metric": self.metric, "value": self.value, "n": self.n,
-                **self.extra}
+        return {
+            "file": self.file,
+            "format": self.format,
+            "metric": self.metric,
+            "value": self.value,
+            "n": self.n,
+            **self.extra,
+        }
 
 
 def macro_average(results: list[DatasetResult]) -> dict:
     values = [r.value for r in results if r.value is not None and r.n > 0]
     metrics = sorted({r.metric for r in results})
-    return {"metric": metrics[0] if len(metrics) == 1 else "/".join(metrics),
-            "value": sum(values) / len(values) if values else None, "n_datasets": len(values)}
+    return {
+        "metric": metrics[0] if len(metrics) == 1 else "/".join(metrics),
+        "value": sum(values) / len(values) if values else None,
+        "n_datasets": len(values),
+    }
 
 
 def write_results(out_dir: Path, header: dict, results: list[DatasetResult]) -> dict:
-    from .. import __version__
+    from ..version import __version__
 
-    report = {**header, "asft_version": __version__, "created": datetime.now(timezone.utc).isoformat(),
-              "datasets": {r.name: r.summary() for r in results}, "macro_average": macro_average(results)}
-    write_json(out_dir / "results.json", report)
-    tmp = out_dir / ".predictions.jsonl.tmp"
-    with tmp.open("w") as f:
+    report = {
+        **header,
+        "asft_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(),
+        "datasets": {r.name: r.summary() for r in results},
+        "macro_average": macro_average(results),
+    }
+    write_json(out_dir / RESULTS_FILE, report)
+    with atomic_path(out_dir / "predictions.jsonl", overwrite=True) as tmp, tmp.open("w") as f:
         for r in results:
             for p in r.predictions:
                 f.write(json.dumps({"dataset": r.name, **p}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_dir / "predictions.jsonl")
     return report
 
 
@@ -66,13 +77,25 @@ def markdown_table(report: dict) -> str:
     extra = []
     for r in report["datasets"].values():
         extra += [k for k in _numeric(r) if k not in extra]
-    lines = ["| dataset | metric | value | n |" + "".join(f" {k} |" for k in extra),
-             "|---|---|---:|---:|" + "---:|" * len(extra)]
+    lines = [
+        "| dataset | metric | value | n |" + "".join(f" {k} |" for k in extra),
+        "|---|---|---:|---:|" + "---:|" * len(extra),
+    ]
     for name, r in report["datasets"].items():
         nums = _numeric(r)
-        lines.append(f"| {name} | {r['metric']} | {_fmt(r['value'])} | {r['n']} |"
-                     + "".join(f" {_fmt(nums.get(k))} |" for k in extra))
+        lines.append(
+            f"| {name} | {r['metric']} | {_fmt(r['value'])} | {r['n']} |"
+            + "".join(f" {_fmt(nums.get(k))} |" for k in extra)
+        )
     avg = report["macro_average"]
-    lines.append(f"| **macro average** | {avg['metric']} | {_fmt(avg['value'])} | {avg['n_datasets']} datasets |"
-                 + " |" * len(extra))
+    lines.append(
+        f"| **macro average** | {avg['metric']} | {_fmt(avg['value'])} | {avg['n_datasets']} datasets |"
+        + " |" * len(extra)
+    )
     return "\n".join(lines)
+
+
+def print_report(report: dict, out_dir: Path, what: str = "per item") -> None:
+    """Print a report's markdown table and where its files are."""
+    print(markdown_table(report))
+    print(f"\nResults: {out_dir / RESULTS_FILE}; {what}: {out_dir / 'predictions.jsonl'}")

@@ -34,20 +34,35 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
-from . import EvalError
+from ..errors import EvalError
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 ISOLATIONS = ("auto", "required", "off")
 UNSHARE_FLAGS = ["--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child"]
 STATUS_BYTES = 4096
 # Where tokens and keys usually live in a home directory that cannot be hidden whole.
-CREDENTIALS = (".ssh", ".aws", ".azure", ".config/gcloud", ".config/gh", ".cache/huggingface", ".huggingface",
-               ".netrc", ".git-credentials", ".pypirc", ".docker", ".kube", ".gnupg", ".password-store", ".npmrc")
+CREDENTIALS = (
+    ".ssh",
+    ".aws",
+    ".azure",
+    ".config/gcloud",
+    ".config/gh",
+    ".cache/huggingface",
+    ".huggingface",
+    ".netrc",
+    ".git-credentials",
+    ".pypirc",
+    ".docker",
+    ".kube",
+    ".gnupg",
+    ".password-store",
+    ".npmrc",
+)
 PASSED = "passed"
 
 
@@ -71,8 +86,15 @@ class Outcome:
 
 
 def _environment(workdir: str) -> dict[str, str]:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
-            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
 
 
 def _under(path: str, folder: str) -> bool:
@@ -91,8 +113,11 @@ def credential_paths() -> list[str]:
             paths += [os.path.join(home, name) for name in CREDENTIALS]
         else:
             paths.append(home)
-    paths += [os.environ[v] for v in ("HF_HOME", "HF_TOKEN_PATH")
-              if os.environ.get(v) and not any(_under(p, os.environ[v]) for p in needed)]
+    paths += [
+        os.environ[v]
+        for v in ("HF_HOME", "HF_TOKEN_PATH")
+        if os.environ.get(v) and not any(_under(p, os.environ[v]) for p in needed)
+    ]
     return [os.path.realpath(p) for p in paths if os.path.lexists(p)]
 
 
@@ -114,8 +139,10 @@ class Sandbox:
         if isolation != "off":
             self._probe()
         if isolation == "required" and not self.isolate:
-            raise EvalError(f"code sandbox: namespaces are required but unavailable here ({self.why_not}); run on "
-                            "a machine that allows unprivileged user namespaces, or pass --code_isolation auto")
+            raise EvalError(
+                f"code sandbox: namespaces are required but unavailable here ({self.why_not}); run on "
+                "a machine that allows unprivileged user namespaces, or pass --code_isolation auto"
+            )
 
     # ------------------------------------------------------------------------------------------------- probing
 
@@ -143,27 +170,46 @@ class Sandbox:
     def protections(self) -> dict:
         """What every program run by this sandbox gets: reported in the output and in results.json."""
         iso = self.isolate
-        return {"child_process": True, "process_group_kill_on_timeout": True, "rlimits": asdict(self.limits),
-                "temporary_workdir": True, "clean_environment": True, "destructive_calls_disabled": True,
-                "pid_namespace": iso, "network_namespace": iso, "read_only_filesystem": iso,
-                "hidden_credential_paths": self.hidden if iso else [],
-                "fork_bomb_bounded": iso or (os.geteuid() != 0),
-                "namespaces": "active" if iso else f"inactive: {self.why_not}"}
+        return {
+            "child_process": True,
+            "process_group_kill_on_timeout": True,
+            "rlimits": asdict(self.limits),
+            "temporary_workdir": True,
+            "clean_environment": True,
+            "destructive_calls_disabled": True,
+            "pid_namespace": iso,
+            "network_namespace": iso,
+            "read_only_filesystem": iso,
+            "hidden_credential_paths": self.hidden if iso else [],
+            "fork_bomb_bounded": iso or (os.geteuid() != 0),
+            "namespaces": "active" if iso else f"inactive: {self.why_not}",
+        }
 
     def describe(self) -> str:
         if self.isolate:
-            return ("code sandbox: child process per program with rlimits, temp dir, clean env; namespaces active "
-                    "(own PID tree, no network, read-only filesystem outside its directory)")
-        return (f"code sandbox: child process per program with rlimits, temp dir, clean env; namespaces INACTIVE "
-                f"({self.why_not}): programs can read and write your files and reach the network")
+            return (
+                "code sandbox: child process per program with rlimits, temp dir, clean env; namespaces active "
+                "(own PID tree, no network, read-only filesystem outside its directory)"
+            )
+        return (
+            f"code sandbox: child process per program with rlimits, temp dir, clean env; namespaces INACTIVE "
+            f"({self.why_not}): programs can read and write your files and reach the network"
+        )
 
     # ---------------------------------------------------------------------------------------------- running
 
     def _command(self, workdir: str, status_fd: int, probe: bool, timeout: float) -> list[str]:
         lim = self.limits
-        cfg = {"isolate": self.isolate, "probe": probe, "hide": self.hidden, "cpu_seconds": max(1, math.ceil(timeout)),
-               "memory_mb": lim.memory_mb, "max_processes": lim.max_processes, "max_file_mb": lim.max_file_mb,
-               "max_disk_mb": lim.max_disk_mb}
+        cfg = {
+            "isolate": self.isolate,
+            "probe": probe,
+            "hide": self.hidden,
+            "cpu_seconds": max(1, math.ceil(timeout)),
+            "memory_mb": lim.memory_mb,
+            "max_processes": lim.max_processes,
+            "max_file_mb": lim.max_file_mb,
+            "max_disk_mb": lim.max_disk_mb,
+        }
         cmd = [self.python, "-I", "-B", str(CHILD), str(status_fd), workdir, json.dumps(cfg)]
         return [self.unshare, *UNSHARE_FLAGS, *cmd] if self.isolate else cmd
 
@@ -177,10 +223,16 @@ class Sandbox:
             Path(workdir, "program.py").write_text(program, encoding="utf-8")
             read_fd, write_fd = os.pipe()
             try:
-                proc = subprocess.Popen(self._command(workdir, write_fd, probe, timeout), cwd=workdir,
-                                        env=_environment(workdir), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(write_fd,),
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    self._command(workdir, write_fd, probe, timeout),
+                    cwd=workdir,
+                    env=_environment(workdir),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    pass_fds=(write_fd,),
+                    start_new_session=True,
+                )
             finally:
                 os.close(write_fd)
             try:
@@ -236,8 +288,12 @@ class Sandbox:
         raw = self._spawn(program, timeout=timeout)
         return Outcome(str(raw["status"]), str(raw.get("reason", "")))
 
-    def run_many(self, programs: Iterable[str | tuple[str, float]], workers: int,
-                 on_done: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
+    def run_many(
+        self,
+        programs: Iterable[str | tuple[str, float]],
+        workers: int,
+        on_done: Callable[[int, Outcome], None] | None = None,
+    ) -> list[Outcome]:
         """Run programs (or (program, timeout) pairs) in parallel; each worker thread waits on one child at a
         time. Results in input order."""
         jobs = [p if isinstance(p, tuple) else (p, None) for p in programs]

@@ -4,7 +4,8 @@ argv: STATUS_FD WORKDIR CONFIG_JSON. The program to run is WORKDIR/program.py. I
 
 1. with "isolate" (we run inside `unshare --user --map-root-user --net --mount --pid --fork --mount-proc`): cover
    the credential paths listed in "hide" (empty tmpfs over a folder, /dev/null over a file), cover WORKDIR with a
-   fresh size-limited tmpfs (its program read first), remount every other mount read-only, then enter a second user + mount namespace, whose copy of the
+   fresh size-limited tmpfs (its program read first), remount every other mount read-only, then enter a second
+   user + mount namespace, whose copy of the
    mounts the kernel locks (a less privileged namespace cannot clear their read-only flag), so the program,
    root-looking as it is, cannot remount them writable again;
 2. resource limits (CPU seconds, address space, processes, file size, no core dumps);
@@ -28,8 +29,15 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE = 1024, 2048, 4096, 16384, 1 << 18
 MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
 # A remount must repeat the flags the kernel locked on an inherited mount, or it is refused (EPERM).
-KEEP_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
-              "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+KEEP_FLAGS = {
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+    "strictatime": MS_STRICTATIME,
+}
 CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
 REASON_CHARS = 500
 
@@ -96,10 +104,13 @@ def make_read_only(workdir: str, hidden: list[str], disk_mb: int) -> None:
 def set_limits(cfg: dict) -> None:
     cpu = int(cfg["cpu_seconds"])
     memory = int(cfg["memory_mb"]) * 1024 * 1024
-    for which, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (memory, memory)),
-                         (resource.RLIMIT_NPROC, (cfg["max_processes"],) * 2),
-                         (resource.RLIMIT_FSIZE, (int(cfg["max_file_mb"]) * 1024 * 1024,) * 2),
-                         (resource.RLIMIT_CORE, (0, 0))):
+    for which, value in (
+        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+        (resource.RLIMIT_AS, (memory, memory)),
+        (resource.RLIMIT_NPROC, (cfg["max_processes"],) * 2),
+        (resource.RLIMIT_FSIZE, (int(cfg["max_file_mb"]) * 1024 * 1024,) * 2),
+        (resource.RLIMIT_CORE, (0, 0)),
+    ):
         resource.setrlimit(which, value)
     # Writing past the file-size limit then fails with an OSError the program sees, instead of a silent kill.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -112,13 +123,66 @@ def disable_destructive_calls() -> None:
     import subprocess
 
     for module in (os, sys.modules.get("posix")):
-        for name in ("kill", "killpg", "system", "popen", "fork", "forkpty", "vfork", "execv", "execve", "execvp",
-                     "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-                     "posix_spawn", "posix_spawnp", "putenv", "unsetenv", "remove", "unlink", "rmdir", "removedirs",
-                     "rename", "renames", "replace", "truncate", "ftruncate", "chmod", "fchmod", "lchmod", "chown",
-                     "fchown", "lchown", "chroot", "fchdir", "link", "symlink", "setuid", "setgid", "seteuid",
-                     "setegid", "setreuid", "setregid", "setresuid", "setresgid", "setsid", "setpgid", "setpgrp",
-                     "sched_setaffinity", "nice", "plock", "_exit", "abort"):
+        for name in (
+            "kill",
+            "killpg",
+            "system",
+            "popen",
+            "fork",
+            "forkpty",
+            "vfork",
+            "execv",
+            "execve",
+            "execvp",
+            "execvpe",
+            "execl",
+            "execle",
+            "execlp",
+            "execlpe",
+            "spawnv",
+            "spawnve",
+            "spawnvp",
+            "spawnvpe",
+            "posix_spawn",
+            "posix_spawnp",
+            "putenv",
+            "unsetenv",
+            "remove",
+            "unlink",
+            "rmdir",
+            "removedirs",
+            "rename",
+            "renames",
+            "replace",
+            "truncate",
+            "ftruncate",
+            "chmod",
+            "fchmod",
+            "lchmod",
+            "chown",
+            "fchown",
+            "lchown",
+            "chroot",
+            "fchdir",
+            "link",
+            "symlink",
+            "setuid",
+            "setgid",
+            "seteuid",
+            "setegid",
+            "setreuid",
+            "setregid",
+            "setresuid",
+            "setresgid",
+            "setsid",
+            "setpgid",
+            "setpgrp",
+            "sched_setaffinity",
+            "nice",
+            "plock",
+            "_exit",
+            "abort",
+        ):
             if module is not None and hasattr(module, name):
                 setattr(module, name, None)
     for name in ("rmtree", "move", "chown", "copytree"):
@@ -141,17 +205,25 @@ def probe_facts(workdir: str, hidden: list[str]) -> dict:
         read_only = False
     except OSError:
         read_only = True
-    visible = [p for p in hidden if (os.path.isdir(p) and not os.path.islink(p) and os.listdir(p))
-               or (os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) > 0)]
+    visible = [
+        p
+        for p in hidden
+        if (os.path.isdir(p) and not os.path.islink(p) and os.listdir(p))
+        or (os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) > 0)
+    ]
     try:
         with open("probe.txt", "w") as f:
             f.write("ok")
         writable = True
     except OSError:
         writable = False
-    return {"pid_namespace": os.getpid() == 1, "read_only_outside_workdir": read_only, "workdir_writable": writable,
-            "credentials_hidden": not visible,
-            "no_network": {name for _, name in socket.if_nameindex()} <= {"lo"}}
+    return {
+        "pid_namespace": os.getpid() == 1,
+        "read_only_outside_workdir": read_only,
+        "workdir_writable": writable,
+        "credentials_hidden": not visible,
+        "no_network": {name for _, name in socket.if_nameindex()} <= {"lo"},
+    }
 
 
 def main() -> None:

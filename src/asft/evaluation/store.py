@@ -14,17 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from . import EvalError
+from ..errors import EvalError
+from ..io import write_json
 
 RUN, GENERATIONS, JUDGMENTS = "run.json", "generations.jsonl", "judgments.jsonl"
 OUTPUTS = ("results.json", "predictions.jsonl", "model_outputs.json")
-
-
-def write_json(path: Path, obj) -> None:
-    """Write atomically: a crash never leaves a half-written results file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 class JsonlLog:
@@ -43,8 +37,10 @@ class JsonlLog:
             except json.JSONDecodeError:
                 bad += 1
         if bad:
-            print(f"{self.path}: ignored {bad} unreadable line(s) (an interrupted write); recomputing them",
-                  file=sys.stderr)
+            print(
+                f"{self.path}: ignored {bad} unreadable line(s) (an interrupted write); recomputing them",
+                file=sys.stderr,
+            )
         return records
 
     def append(self, records: list[dict]) -> None:
@@ -56,7 +52,6 @@ class JsonlLog:
                 f.write("\n")
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
             f.flush()
-
 
     def _ends_with_newline(self) -> bool:
         with self.path.open("rb") as f:
@@ -102,8 +97,9 @@ class Store:
             raise EvalError(f"{self.dir} holds results made with other settings ({'; '.join(diffs)}); {hint}")
         changed = [n for n, sha in datasets.items() if old.get("datasets", {}).get(n, sha) != sha]
         if changed:
-            raise EvalError(f"{self.dir} holds results for a different version of data file(s) "
-                            f"{', '.join(changed)}; {hint}")
+            raise EvalError(
+                f"{self.dir} holds results for a different version of data file(s) {', '.join(changed)}; {hint}"
+            )
         write_json(run, {"settings": settings, "datasets": {**old.get("datasets", {}), **datasets}})
 
     def get(self, dataset: str, index: int, samples: int = 1) -> list | None:

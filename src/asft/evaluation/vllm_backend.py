@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..models import adapter_base, is_adapter_dir, resolve_model_path
-from .generation import GenSettings, resolve_dtype, stop_token_ids, tokenizer_source
+from ..models import adapter_base, is_adapter_dir, resolve_dtype, resolve_model_path, tokenizer_source
+from .generation import GenSettings, stop_token_ids
 
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
 
@@ -27,17 +27,32 @@ def _generation_config(path: str):
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, model: str, *, base_model: str | None, tokenizer, dtype: str | None, seed: int,
-                 trust_remote_code: bool, gpu_memory_utilization: float, tensor_parallel_size: int,
-                 max_model_len: int | None):
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_model: str | None,
+        tokenizer,
+        dtype: str | None,
+        seed: int,
+        trust_remote_code: bool,
+        gpu_memory_utilization: float,
+        tensor_parallel_size: int,
+        max_model_len: int | None,
+    ):
         from vllm import LLM
 
         path = resolve_model_path(model, trust_remote_code)
-        kwargs = dict(dtype=str(resolve_dtype(dtype, "cuda")).removeprefix("torch."), seed=seed,
-                      trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
-                      tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-                      # Ignore the model's generation_config defaults, as HFBackend does: same greedy results.
-                      generation_config="vllm")
+        kwargs = dict(
+            dtype=str(resolve_dtype(dtype, "cuda")).removeprefix("torch."),
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            # Ignore the model's generation_config defaults, as HFBackend does: same greedy results.
+            generation_config="vllm",
+        )
         # Detokenize with the tokenizer the prompts were encoded with (an adapter folder may carry its own).
         kwargs["tokenizer"] = tokenizer_source(path, base_model)
         self.lora = None
@@ -61,10 +76,17 @@ class VLLMBackend:
     def generate(self, prompts: list[list[int]], s: GenSettings, stop: tuple[str, ...] = ()) -> list[list[str]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(n=s.num_samples, temperature=s.temperature, top_p=s.top_p if s.temperature else 1.0,
-                                max_tokens=s.max_new_tokens, seed=s.seed if s.temperature else None,
-                                repetition_penalty=1.0, stop_token_ids=self.stop_ids, skip_special_tokens=True,
-                                stop=list(stop) or None)
+        params = SamplingParams(
+            n=s.num_samples,
+            temperature=s.temperature,
+            top_p=s.top_p if s.temperature else 1.0,
+            max_tokens=s.max_new_tokens,
+            seed=s.seed if s.temperature else None,
+            repetition_penalty=1.0,
+            stop_token_ids=self.stop_ids,
+            skip_special_tokens=True,
+            stop=list(stop) or None,
+        )
         return [[c.text for c in out.outputs] for out in self._run(prompts, params)]
 
     def next_token_logprobs(self, prompts: list[list[int]], candidates: list[int]) -> list[list[float]]:
@@ -76,4 +98,4 @@ class VLLMBackend:
         outs = self._run([p + [c] for p in prompts for c in candidates], params)
         scores = [out.prompt_logprobs[-1][c].logprob for out, c in zip(outs, candidates * len(prompts))]
         k = len(candidates)
-        return [scores[i * k:(i + 1) * k] for i in range(len(prompts))]
+        return [scores[i * k : (i + 1) * k] for i in range(len(prompts))]

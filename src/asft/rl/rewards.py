@@ -25,17 +25,12 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
-from .errors import ConfigError
-from .evaluation.math import is_correct, last_boxed
-from .evaluation.medical import LETTERS
-
-
-class RewardTimeout(BaseException):
-    """Raised by the timer inside a grading call. A BaseException, so a grader's `except Exception` cannot
-    swallow it (math-verify's own TimeoutException is one for the same reason)."""
+from ..errors import ConfigError, RewardTimeout
+from ..evaluation.math import is_correct, last_boxed
+from ..evaluation.medical import LETTERS
 
 
 @contextmanager
@@ -110,8 +105,14 @@ class GuardedReward:
     time, so only the completions that fail score 0.
     """
 
-    def __init__(self, name: str, grader: Callable | None = None, batch_fn: Callable | None = None,
-                 timeout: float | None = 5.0, log_accuracy: bool = False):
+    def __init__(
+        self,
+        name: str,
+        grader: Callable | None = None,
+        batch_fn: Callable | None = None,
+        timeout: float | None = 5.0,
+        log_accuracy: bool = False,
+    ):
         self.__name__ = name  # TRL names the logged metrics rewards/<__name__>/mean
         self.grader, self.batch_fn, self.timeout = grader, batch_fn, timeout
         self.log_accuracy = log_accuracy
@@ -170,8 +171,11 @@ class GuardedReward:
     def _warn(self, what: str) -> None:
         if not self._warned:  # once per reward; the counts are logged every step
             self._warned = True
-            warnings.warn(f"reward {self.__name__}: grading a completion {what}; it scores 0 (counted in "
-                          f"rewards/{self.__name__}/errors and /timeouts; this warning is shown once)", stacklevel=2)
+            warnings.warn(
+                f"reward {self.__name__}: grading a completion {what}; it scores 0 (counted in "
+                f"rewards/{self.__name__}/errors and /timeouts; this warning is shown once)",
+                stacklevel=2,
+            )
 
 
 def _row(kwargs: dict, i: int) -> dict:
@@ -192,16 +196,18 @@ def load_user_reward(spec: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module, reported in one line
-        raise ConfigError(f"reward_funcs: cannot import {module_name!r} for {spec!r}: {type(e).__name__}: {e}") \
-            from None
+        raise ConfigError(
+            f"reward_funcs: cannot import {module_name!r} for {spec!r}: {type(e).__name__}: {e}"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"reward_funcs: {module_name!r} has no function {attr!r}")
     return fn
 
 
-def build_rewards(reward: str | None, format_reward: bool, user_specs: list[str], timeout: float | None) \
-        -> list[GuardedReward]:
+def build_rewards(
+    reward: str | None, format_reward: bool, user_specs: list[str], timeout: float | None
+) -> list[GuardedReward]:
     """The guarded reward functions, correctness first (its mean is logged as `accuracy`)."""
     graders = {"math": (math_score, math_format_score), "choice": (choice_score, choice_format_score)}
     rewards = []

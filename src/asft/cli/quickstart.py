@@ -8,19 +8,65 @@ prints the before/after comparison and where everything is.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
 
 import torch
 
-POSITIVE = ["delicious", "friendly", "wonderful", "excellent", "cozy", "fresh", "lovely", "perfect", "amazing",
-            "pleasant", "generous", "spotless", "charming", "superb", "helpful"]
-NEGATIVE = ["bland", "rude", "awful", "terrible", "cramped", "stale", "dirty", "slow", "overpriced", "noisy",
-            "cold", "greasy", "disappointing", "careless", "dreadful"]
-SUBJECTS = ["The food", "The service", "The room", "The staff", "The coffee", "The pasta", "Our table", "The menu",
-            "The dessert", "The waiter", "The music", "The bread", "The soup", "The view", "The breakfast"]
+from ..io import write_jsonl
+
+POSITIVE = [
+    "delicious",
+    "friendly",
+    "wonderful",
+    "excellent",
+    "cozy",
+    "fresh",
+    "lovely",
+    "perfect",
+    "amazing",
+    "pleasant",
+    "generous",
+    "spotless",
+    "charming",
+    "superb",
+    "helpful",
+]
+NEGATIVE = [
+    "bland",
+    "rude",
+    "awful",
+    "terrible",
+    "cramped",
+    "stale",
+    "dirty",
+    "slow",
+    "overpriced",
+    "noisy",
+    "cold",
+    "greasy",
+    "disappointing",
+    "careless",
+    "dreadful",
+]
+SUBJECTS = [
+    "The food",
+    "The service",
+    "The room",
+    "The staff",
+    "The coffee",
+    "The pasta",
+    "Our table",
+    "The menu",
+    "The dessert",
+    "The waiter",
+    "The music",
+    "The bread",
+    "The soup",
+    "The view",
+    "The breakfast",
+]
 INSTRUCTION = "Classify the sentiment of this review as good or bad. Answer with one word.\n\nReview: {review}"
 LABELS = ("good", "bad")
 
@@ -38,16 +84,11 @@ def make_examples(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 @torch.no_grad()
 def evaluate(model_path: str, rows: list[dict]) -> dict[str, float]:
     """Held-out accuracy (the label with the higher log-probability) and mean NLL per gold response token."""
-    from .data import Example, resolve_template, tokenize
-    from .models import load_model, load_tokenizer
+    from ..data import Example, resolve_template, tokenize
+    from ..models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path)
@@ -56,8 +97,11 @@ def evaluate(model_path: str, rows: list[dict]) -> dict[str, float]:
     for row in rows:
         scores = {}
         for label in LABELS:
-            ex = Example("quickstart", 0, messages=[{"role": "user", "content": row["instruction"]},
-                                                    {"role": "assistant", "content": label}])
+            ex = Example(
+                "quickstart",
+                0,
+                messages=[{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": label}],
+            )
             item = tokenize(ex, template, tokenizer)
             ids, labels = torch.tensor([item["input_ids"]]), torch.tensor([item["labels"]])
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
@@ -81,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="model to fine-tune")
     args = p.parse_args(argv)
 
-    from .cli import train
-    from .models import resolve_model_path
+    from ..models import resolve_model_path
+    from .train import main as train
 
     start = time.time()
     run_dir = Path(args.output_dir) / time.strftime("run-%Y%m%d-%H%M%S")
@@ -90,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = run_dir.with_name(run_dir.name + "-1")
     train_rows = make_examples(args.train_examples, seed=1)
     heldout_rows = make_examples(args.heldout_examples, seed=2)
-    write_jsonl(run_dir / "data" / "train.jsonl", train_rows)
-    write_jsonl(run_dir / "data" / "heldout.jsonl", heldout_rows)
+    write_jsonl(run_dir / "data" / "train.jsonl", train_rows, overwrite=True)
+    write_jsonl(run_dir / "data" / "heldout.jsonl", heldout_rows, overwrite=True)
 
     model_path = resolve_model_path(args.model)
     print(f"Model: {args.model} -> {model_path}")
@@ -99,19 +143,46 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Before training: held-out accuracy {before['accuracy']:.1%}, NLL {before['nll']:.3f}", flush=True)
 
     model_dir = run_dir / "model"
-    train([
-        "--model_name_or_path", model_path, "--data_path", str(run_dir / "data" / "train.jsonl"),
-        "--output_dir", str(model_dir), "--mode", args.mode, "--kl_weight", "0.05",
-        "--max_steps", str(args.max_steps), "--per_device_train_batch_size", "8", "--learning_rate", "5e-5",
-        "--lr_scheduler_type", "cosine", "--warmup_steps", "2", "--logging_steps", "4", "--save_strategy", "no",
-        "--seed", "0", "--disable_tqdm", "true",
-    ])
+    train(
+        [
+            "--model_name_or_path",
+            model_path,
+            "--data_path",
+            str(run_dir / "data" / "train.jsonl"),
+            "--output_dir",
+            str(model_dir),
+            "--mode",
+            args.mode,
+            "--kl_weight",
+            "0.05",
+            "--max_steps",
+            str(args.max_steps),
+            "--per_device_train_batch_size",
+            "8",
+            "--learning_rate",
+            "5e-5",
+            "--lr_scheduler_type",
+            "cosine",
+            "--warmup_steps",
+            "2",
+            "--logging_steps",
+            "4",
+            "--save_strategy",
+            "no",
+            "--seed",
+            "0",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     after = evaluate(str(model_dir), heldout_rows)
 
-    print("\n| held-out (%d reviews) | before | after |" % len(heldout_rows))
+    print(f"\n| held-out ({len(heldout_rows)} reviews) | before | after |")
     print("|---|---|---|")
     print(f"| accuracy | {before['accuracy']:.1%} | {after['accuracy']:.1%} |")
     print(f"| NLL per response token | {before['nll']:.3f} | {after['nll']:.3f} |")
-    print(f"\nRun folder: {run_dir}\n  data: {run_dir / 'data'}\n  trained model: {model_dir}\n"
-          f"  per-step metrics: {model_dir / 'metrics.jsonl'}\nTotal time: {time.time() - start:.0f} s")
+    print(
+        f"\nRun folder: {run_dir}\n  data: {run_dir / 'data'}\n  trained model: {model_dir}\n"
+        f"  per-step metrics: {model_dir / 'metrics.jsonl'}\nTotal time: {time.time() - start:.0f} s"
+    )
     return 0

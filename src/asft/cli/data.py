@@ -13,21 +13,34 @@ import sys
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from .data import (FORMATS, IGNORE_INDEX, TEMPLATES, DataError, atomic_path, example_to_row, load_examples,
-                   resolve_template, tokenize, write_jsonl)
-from .errors import ConfigError
+from ..data import (
+    FORMATS,
+    IGNORE_INDEX,
+    TEMPLATES,
+    DataError,
+    atomic_path,
+    example_to_row,
+    load_examples,
+    resolve_template,
+    tokenize,
+    write_jsonl,
+)
+from ..errors import ConfigError, DownloadError
 
 PAPER_DATASET = "chichi56/ASFT"
-PAPER_FILES = ("numina_cot_10k", "numina_cot_30k", "numina_cot_100k", "train_medmcqa_alpaca_10k",
-               "train_medmcqa_alpaca_30k", "train_medmcqa_alpaca_100k", "magpie10k")
+PAPER_FILES = (
+    "numina_cot_10k",
+    "numina_cot_30k",
+    "numina_cot_100k",
+    "train_medmcqa_alpaca_10k",
+    "train_medmcqa_alpaca_30k",
+    "train_medmcqa_alpaca_100k",
+    "magpie10k",
+)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 PERCENTILES = (50, 90, 95, 99)
 MARKS = ("⟦", "⟧")
 COLOR = ("\x1b[1;32m", "\x1b[0m")
-
-
-class DownloadError(Exception):
-    """The Hub is unreachable or refused a request: reported as one line, without a traceback."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -59,13 +72,17 @@ def check_online() -> None:
     from huggingface_hub.utils import get_session
 
     if _offline():
-        raise DownloadError("offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set), so nothing can be "
-                            "downloaded; unset it, or copy the data files into --output_dir by hand")
+        raise DownloadError(
+            "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set), so nothing can be "
+            "downloaded; unset it, or copy the data files into --output_dir by hand"
+        )
     try:
         get_session().head(constants.ENDPOINT, timeout=_timeout())  # any answer, even an error status, will do
     except Exception as e:  # DNS, refused, timeout, proxy, TLS: all mean the same to the user
-        raise DownloadError(f"cannot reach {constants.ENDPOINT} ({type(e).__name__}: {_first_line(e)}); check the "
-                            "network or proxy (HTTPS_PROXY), or point HF_ENDPOINT at a mirror") from None
+        raise DownloadError(
+            f"cannot reach {constants.ENDPOINT} ({type(e).__name__}: {_first_line(e)}); check the "
+            "network or proxy (HTTPS_PROXY), or point HF_ENDPOINT at a mirror"
+        ) from None
 
 
 def _hub_error(what: str, e: Exception) -> DownloadError:
@@ -99,8 +116,9 @@ def select_files(listing: list[str], names: list[str] | None, dataset: str = PAP
     for name in names or PAPER_FILES:
         matches = [f for f in listing if f == name] or [f for f in data_files if name in _names(f)]
         if len(matches) > 1:
-            raise DownloadError(f"files: {name!r} matches several files in {dataset} ({', '.join(matches)}); "
-                                "give one of these paths")
+            raise DownloadError(
+                f"files: {name!r} matches several files in {dataset} ({', '.join(matches)}); give one of these paths"
+            )
         if not matches and names:
             raise DownloadError(f"files: {name!r} is not in {dataset}; its data files: {shown}")
         if not matches:
@@ -108,8 +126,10 @@ def select_files(listing: list[str], names: list[str] | None, dataset: str = PAP
         elif matches[0] not in picked:
             picked.append(matches[0])
     if not picked:
-        raise DownloadError(f"none of the paper's files ({', '.join(PAPER_FILES)}) is in {dataset}; its data "
-                            f"files: {shown}; pick some with --files")
+        raise DownloadError(
+            f"none of the paper's files ({', '.join(PAPER_FILES)}) is in {dataset}; its data "
+            f"files: {shown}; pick some with --files"
+        )
     if missing:
         print(f"Not in {dataset}, left out: {', '.join(missing)}", flush=True)
     clashes = [n for n, c in Counter(PurePosixPath(f).name for f in picked).items() if c > 1]
@@ -124,8 +144,9 @@ def place(source: str | Path, target: Path, overwrite: bool) -> str:
         if target.is_file() and filecmp.cmp(source, target, shallow=False):
             return "up to date"
         if not overwrite:
-            raise FileExistsError(f"{target} exists and differs from the downloaded file; pass --overwrite to "
-                                  "replace it, or move it away")
+            raise FileExistsError(
+                f"{target} exists and differs from the downloaded file; pass --overwrite to replace it, or move it away"
+            )
     with atomic_path(target, overwrite=True) as tmp:
         shutil.copyfile(source, tmp)
     return "written"
@@ -146,13 +167,16 @@ def download(args) -> int:
         target = out / PurePosixPath(path).name
         print(f"[{i}/{len(picked)}] {args.dataset}: {path} -> {target}", flush=True)
         try:  # into the Hub cache first: a finished file is never fetched twice, and the cache holds the locks
-            cached = hub.hf_hub_download(args.dataset, path, repo_type="dataset", revision=args.revision,
-                                         etag_timeout=_timeout())
+            cached = hub.hf_hub_download(
+                args.dataset, path, repo_type="dataset", revision=args.revision, etag_timeout=_timeout()
+            )
         except Exception as e:
             raise _hub_error(f"cannot download {path}", e) from None
         print(f"  {place(cached, target, args.overwrite)}", flush=True)
-    print(f"Done: {len(picked)} file(s) in {out}. Next: asft data inspect {out / PurePosixPath(picked[0]).name} "
-          "--model MODEL")
+    print(
+        f"Done: {len(picked)} file(s) in {out}. Next: asft data inspect {out / PurePosixPath(picked[0]).name} "
+        "--model MODEL"
+    )
     return 0
 
 
@@ -205,15 +229,16 @@ def marked(input_ids: list[int], labels: list[int], tokenizer, color: bool = Fal
     parts, start = [], 0
     for i in range(1, len(input_ids) + 1):
         if i == len(input_ids) or (labels[i] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
-            text = _visible(tokenizer.decode(input_ids[start:i], skip_special_tokens=False,
-                                             clean_up_tokenization_spaces=False))
+            text = _visible(
+                tokenizer.decode(input_ids[start:i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            )
             parts.append(f"{left}{text}{right}" if labels[start] != IGNORE_INDEX else text)
             start = i
     return "".join(parts)
 
 
 def _load_tokenizer(model: str, trust_remote_code: bool):
-    from .models import ModelLoadError, load_tokenizer, resolve_model_path
+    from ..models import ModelLoadError, load_tokenizer, resolve_model_path
 
     try:
         return load_tokenizer(resolve_model_path(model, trust_remote_code), trust_remote_code)
@@ -249,7 +274,7 @@ def inspect(args) -> int:
             dropped.append(ex)
         elif len(labels) > args.max_length:
             truncated += 1
-            cut += sum(label != IGNORE_INDEX for label in labels[args.max_length:])
+            cut += sum(label != IGNORE_INDEX for label in labels[args.max_length :])
     if not items:
         raise DataError(args.file, None, None, "no valid examples")
 
@@ -262,11 +287,16 @@ def inspect(args) -> int:
     print(f"{'tokens per example':<20}{'mean':>8}" + "".join(f"{'p' + str(p):>8}" for p in PERCENTILES) + f"{'max':>8}")
     for name, values in (("prompt", prompt), ("response (trained)", response), ("total", total)):
         values = sorted(values)
-        print(f"  {name:<18}{sum(values) / n:>8.1f}" + "".join(f"{percentile(values, p):>8}" for p in PERCENTILES)
-              + f"{values[-1]:>8}")
-    print(f"\nmax_length={args.max_length}: {truncated} of {n} examples truncated ({100 * truncated / n:.1f}%), "
-          f"losing {cut} response tokens; {len(dropped)} dropped ({100 * len(dropped) / n:.1f}%) because the prompt "
-          "alone fills max_length")
+        print(
+            f"  {name:<18}{sum(values) / n:>8.1f}"
+            + "".join(f"{percentile(values, p):>8}" for p in PERCENTILES)
+            + f"{values[-1]:>8}"
+        )
+    print(
+        f"\nmax_length={args.max_length}: {truncated} of {n} examples truncated ({100 * truncated / n:.1f}%), "
+        f"losing {cut} response tokens; {len(dropped)} dropped ({100 * len(dropped) / n:.1f}%) because the prompt "
+        "alone fills max_length"
+    )
     if dropped:
         lines = ", ".join(f"{ex.source}:{ex.line}" for ex in dropped[:20]) + (" ..." if len(dropped) > 20 else "")
         print(f"  dropped: {lines}\n  `asft train` stops at the first of them unless --on_bad_rows skip")
@@ -277,8 +307,10 @@ def inspect(args) -> int:
     how = "in green" if color else "between ⟦ ⟧"
     for ex, item in items[: args.show]:
         ids, labels = item["input_ids"], item["labels"]
-        print(f"\n--- {ex.source}:{ex.line}: {len(ids)} tokens, {sum(x != IGNORE_INDEX for x in labels)} trained "
-              f"(shown {how}) ---")
+        print(
+            f"\n--- {ex.source}:{ex.line}: {len(ids)} tokens, {sum(x != IGNORE_INDEX for x in labels)} trained "
+            f"(shown {how}) ---"
+        )
         print(marked(ids[: args.max_length], labels[: args.max_length], tokenizer, color))
         if len(ids) > args.max_length:
             print(f"[... {len(ids) - args.max_length} more tokens cut by max_length={args.max_length}]")
@@ -290,42 +322,57 @@ def inspect(args) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asft data", description="Download, convert and inspect training data.")
-    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND",
-                           help="`asft data SUBCOMMAND --help` describes its flags")
-    bad_rows = dict(default="error", choices=["error", "skip"],
-                    help="error (default): stop at the first bad row, naming file, line and field; skip: leave bad "
-                         "rows out and say how many and which lines")
+    sub = p.add_subparsers(
+        dest="command", metavar="SUBCOMMAND", help="`asft data SUBCOMMAND --help` describes its flags"
+    )
+    bad_rows = dict(
+        default="error",
+        choices=["error", "skip"],
+        help="error (default): stop at the first bad row, naming file, line and field; skip: leave bad "
+        "rows out and say how many and which lines",
+    )
 
     d = sub.add_parser(
-        "download", help="fetch the paper's training sets from the Hugging Face Hub",
+        "download",
+        help="fetch the paper's training sets from the Hugging Face Hub",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fetch training files from a Hugging Face dataset repository into --output_dir.\n\n"
-                    "Files go through the Hugging Face cache (HF_HOME; a progress bar per file), then are copied "
-                    "into --output_dir.\nInterrupted? Run the same command again: finished files are not fetched "
-                    "again (transient network\nerrors are resumed within a run). A private or gated repo needs "
-                    "`hf auth login` or HF_TOKEN; the token\nis never printed. Offline (HF_HUB_OFFLINE=1, or the Hub "
-                    "unreachable within HF_HUB_ETAG_TIMEOUT seconds,\ndefault 10) it stops at once.")
+        "Files go through the Hugging Face cache (HF_HOME; a progress bar per file), then are copied "
+        "into --output_dir.\nInterrupted? Run the same command again: finished files are not fetched "
+        "again (transient network\nerrors are resumed within a run). A private or gated repo needs "
+        "`hf auth login` or HF_TOKEN; the token\nis never printed. Offline (HF_HUB_OFFLINE=1, or the Hub "
+        "unreachable within HF_HUB_ETAG_TIMEOUT seconds,\ndefault 10) it stops at once.",
+    )
     d.add_argument("--dataset", default=PAPER_DATASET, help="dataset repository id (default: %(default)s)")
-    d.add_argument("--files", nargs="+", metavar="NAME",
-                   help="files to fetch (space- or comma-separated), matched against the repository's file listing "
-                        "(list_repo_files): an exact path (data/x.jsonl), a file name (x.jsonl) or a name without "
-                        "extension (x). Default: the paper's sets " + ", ".join(PAPER_FILES))
+    d.add_argument(
+        "--files",
+        nargs="+",
+        metavar="NAME",
+        help="files to fetch (space- or comma-separated), matched against the repository's file listing "
+        "(list_repo_files): an exact path (data/x.jsonl), a file name (x.jsonl) or a name without "
+        "extension (x). Default: the paper's sets " + ", ".join(PAPER_FILES),
+    )
     d.add_argument("--output_dir", default="data", help="folder to put the files in (default: %(default)s)")
     d.add_argument("--revision", default=None, help="branch, tag or commit of the repository (default: main)")
-    d.add_argument("--overwrite", action="store_true",
-                   help="replace a file in --output_dir that differs from the downloaded one (default: refuse)")
+    d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a file in --output_dir that differs from the downloaded one (default: refuse)",
+    )
 
     c = sub.add_parser(
-        "convert", help="rewrite a data file in another format",
+        "convert",
+        help="rewrite a data file in another format",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Read IN (validated as `asft train` would), write OUT as JSONL in the --to format.\n\n"
-                    "Formats: alpaca {instruction, input?, response}; messages {messages: [{role, content}]};\n"
-                    "prompt_completion {prompt, completion}; sharegpt {conversations: [{from, value}]}.\n"
-                    "messages and sharegpt keep every turn. alpaca and prompt_completion hold one exchange: a\n"
-                    "conversation with several user or assistant turns is an error naming its file:line; system\n"
-                    "turns are prepended to the prompt, separated by a blank line. Text is copied, not templated\n"
-                    "(alpaca -> prompt_completion gives prompt = instruction, plus a blank line and input if any);\n"
-                    "other keys of a row are not carried over. OUT is written atomically.")
+        "Formats: alpaca {instruction, input?, response}; messages {messages: [{role, content}]};\n"
+        "prompt_completion {prompt, completion}; sharegpt {conversations: [{from, value}]}.\n"
+        "messages and sharegpt keep every turn. alpaca and prompt_completion hold one exchange: a\n"
+        "conversation with several user or assistant turns is an error naming its file:line; system\n"
+        "turns are prepended to the prompt, separated by a blank line. Text is copied, not templated\n"
+        "(alpaca -> prompt_completion gives prompt = instruction, plus a blank line and input if any);\n"
+        "other keys of a row are not carried over. OUT is written atomically.",
+    )
     c.add_argument("input", metavar="IN", help="JSONL / JSON / parquet file, or several comma-separated")
     c.add_argument("output", metavar="OUT", help="JSONL file to write")
     c.add_argument("--to", required=True, choices=FORMATS, help="target format")
@@ -333,22 +380,34 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
 
     i = sub.add_parser(
-        "inspect", help="counts, token lengths, truncation, and the first example with its trained tokens marked",
+        "inspect",
+        help="counts, token lengths, truncation, and the first example with its trained tokens marked",
         description="Validate FILE and tokenize it as `asft train` would: example counts, prompt / response / "
-                    "total lengths in tokens (mean and percentiles), how many examples max_length truncates or "
-                    "drops (prompt alone fills it), and the first example(s) rendered with the trained (loss) "
-                    "tokens in green on a terminal, between ⟦ ⟧ otherwise (NO_COLOR turns color off).")
+        "total lengths in tokens (mean and percentiles), how many examples max_length truncates or "
+        "drops (prompt alone fills it), and the first example(s) rendered with the trained (loss) "
+        "tokens in green on a terminal, between ⟦ ⟧ otherwise (NO_COLOR turns color off).",
+    )
     i.add_argument("file", metavar="FILE", help="JSONL / JSON / parquet file, or several comma-separated")
-    i.add_argument("--model", required=True,
-                   help="whose tokenizer: a local folder, a hub id, a .gguf file, or embedded:smollm2-135m-instruct")
-    i.add_argument("--template", default="auto", choices=TEMPLATES,
-                   help="alpaca (the paper's), chat (the tokenizer's chat template), none, or auto (chat when the "
-                        "tokenizer has a chat template, else alpaca; default)")
+    i.add_argument(
+        "--model",
+        required=True,
+        help="whose tokenizer: a local folder, a hub id, a .gguf file, or embedded:smollm2-135m-instruct",
+    )
+    i.add_argument(
+        "--template",
+        default="auto",
+        choices=TEMPLATES,
+        help="alpaca (the paper's), chat (the tokenizer's chat template), none, or auto (chat when the "
+        "tokenizer has a chat template, else alpaca; default)",
+    )
     i.add_argument("--max_length", type=int, default=2048, help="tokens per example, as in train (default: 2048)")
     i.add_argument("--on_bad_rows", **bad_rows)
     i.add_argument("--show", type=int, default=1, metavar="N", help="how many examples to print (default: 1)")
-    i.add_argument("--trust_remote_code", action="store_true",
-                   help="allow the model repository's own tokenizer code to run (default: off)")
+    i.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="allow the model repository's own tokenizer code to run (default: off)",
+    )
     return p
 
 

@@ -16,8 +16,7 @@ the same bytes. Under `accelerate launch` each process builds the shards s with 
 
 Per response token t (the positions `objectives.select_response` keeps, in the same order) the cache holds the
 top-k ids and log-probabilities, log rho(y_t) of the label, and log rho_T = log sum over the complement of the
-top-k (a log-sum-exp, never log(1 - sum)). The KL taken from it is `objectives.bucketed_kl`.
-"""
+top-k (a log-sum-exp, never log(1 - sum)). The KL taken from it is `objectives.bucketed_kl`."""
 
 from __future__ import annotations
 
@@ -31,24 +30,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError
-from .objectives import CachedRows, log_complement, select_response
+from ..errors import CacheMismatchError, ConfigError
+from ..io import write_json
+from ..objectives import CachedRows, log_complement
 
 FORMAT = "asft-reference-cache"
+
 VERSION = 1
+
 STORE_DTYPES = ("float16", "bfloat16", "float32")
+
 EXAMPLE_COLUMN = "asft_example"  # the stable example index the trainer carries through its dataset and collator
+
 TRUNCATION = "keep_start"  # build_dataset cuts examples to max_length from the right
 
-
 _UNSET = object()
-
-
-class CacheMismatchError(ConfigError):
-    """A reference cache that does not match the data, tokenizer or settings it is used with."""
-
-
-# ------------------------------------------------------------------------------------------------ fingerprints
 
 
 def example_fingerprint(input_ids, labels) -> str:
@@ -62,10 +58,19 @@ def example_fingerprint(input_ids, labels) -> str:
 def tokenizer_fingerprint(tokenizer) -> str:
     """Vocabulary, merges, normalisation and special tokens (the fast tokenizer's JSON), and the chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h = hashlib.sha256(backend.to_str().encode() if backend is not None else
-                       json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([getattr(tokenizer, "chat_template", None), str(tokenizer.eos_token),
-                         str(tokenizer.bos_token), bool(getattr(tokenizer, "add_bos_token", False))]).encode())
+    h = hashlib.sha256(
+        backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    )
+    h.update(
+        json.dumps(
+            [
+                getattr(tokenizer, "chat_template", None),
+                str(tokenizer.eos_token),
+                str(tokenizer.bos_token),
+                bool(getattr(tokenizer, "add_bos_token", False)),
+            ]
+        ).encode()
+    )
     return h.hexdigest()[:20]
 
 
@@ -84,9 +89,6 @@ def model_fingerprint(model) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(flat[::step].float().cpu().numpy().tobytes())
     return h.hexdigest()[:20]
-
-
-# ---------------------------------------------------------------------------------------------- the math part
 
 
 def reference_rows(ref_logits: torch.Tensor, targets: torch.Tensor, k: int) -> CachedRows:
@@ -114,11 +116,20 @@ def ids_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "int32"
 
 
-# --------------------------------------------------------------------------------------------------- building
-
-
-def build_plan(dataset, *, tokenizer, reference: dict, template: str, max_length: int | None, data: list[str],
-               top_k: int, dtype: str, vocab_size: int, shard_size: int, backend: str) -> dict:
+def build_plan(
+    dataset,
+    *,
+    tokenizer,
+    reference: dict,
+    template: str,
+    max_length: int | None,
+    data: list[str],
+    top_k: int,
+    dtype: str,
+    vocab_size: int,
+    shard_size: int,
+    backend: str,
+) -> dict:
     """Everything the cache is built from (build.json): settings, fingerprints and each example's origin."""
     if dtype not in STORE_DTYPES:
         raise ConfigError(f"dtype: unknown value {dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
@@ -132,12 +143,25 @@ def build_plan(dataset, *, tokenizer, reference: dict, template: str, max_length
         fingerprints.append(example_fingerprint(row["input_ids"], row["labels"]))
         origins.append(f"{row['source']}:{row['line']}" if "source" in cols else f"#{i}")
         tokens.append(int((np.asarray(row["labels"][1:]) != -100).sum()))
-    return {"format": FORMAT, "version": VERSION, "reference": reference,
-            "tokenizer": tokenizer_fingerprint(tokenizer), "template": template, "max_length": max_length,
-            "truncation": TRUNCATION, "data": list(data), "top_k": int(min(top_k, vocab_size)), "dtype": dtype,
-            "ids_dtype": ids_dtype(vocab_size), "vocab_size": int(vocab_size), "backend": backend,
-            "shard_size": int(shard_size), "num_examples": len(fingerprints), "num_tokens": int(sum(tokens)),
-            "examples": {"fingerprint": fingerprints, "origin": origins, "tokens": tokens}}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "reference": reference,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": template,
+        "max_length": max_length,
+        "truncation": TRUNCATION,
+        "data": list(data),
+        "top_k": int(min(top_k, vocab_size)),
+        "dtype": dtype,
+        "ids_dtype": ids_dtype(vocab_size),
+        "vocab_size": int(vocab_size),
+        "backend": backend,
+        "shard_size": int(shard_size),
+        "num_examples": len(fingerprints),
+        "num_tokens": int(sum(tokens)),
+        "examples": {"fingerprint": fingerprints, "origin": origins, "tokens": tokens},
+    }
 
 
 def _shards(plan: dict) -> list[tuple[int, int]]:
@@ -147,12 +171,6 @@ def _shards(plan: dict) -> list[tuple[int, int]]:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _first_difference(a: dict, b: dict) -> str | None:
@@ -174,8 +192,10 @@ def prepare_output(output_dir: str | Path, plan: dict, *, overwrite: bool = Fals
         old = json.loads(existing.read_text())
         diff = _first_difference(old, plan)
         if diff and not overwrite:
-            raise ConfigError(f"output_dir: {out} holds a cache built from other data or settings ({diff} differs); "
-                              "pass --overwrite to rebuild it, or use another --output_dir")
+            raise ConfigError(
+                f"output_dir: {out} holds a cache built from other data or settings ({diff} differs); "
+                "pass --overwrite to rebuild it, or use another --output_dir"
+            )
         if not diff:
             return out
     if is_main:
@@ -186,7 +206,7 @@ def prepare_output(output_dir: str | Path, plan: dict, *, overwrite: bool = Fals
         elif out.exists() and any(out.iterdir()):
             raise ConfigError(f"output_dir: {out} is not empty and holds no reference cache; use another folder")
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(existing, plan)
+        write_json(existing, plan, indent=1, sort_keys=True)
     return out
 
 
@@ -195,8 +215,12 @@ def _write_shard(out: Path, index: int, parts: list[CachedRows], counts: list[in
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     k = plan["top_k"]
-    rows = CachedRows(*(torch.cat([getattr(p, f) for p in parts]) if parts else torch.empty(0)
-                        for f in ("ids", "logp", "tail", "label")))
+    rows = CachedRows(
+        *(
+            torch.cat([getattr(p, f) for p in parts]) if parts else torch.empty(0)
+            for f in ("ids", "logp", "tail", "label")
+        )
+    )
     n = sum(counts)
     np.save(tmp / "ids.npy", rows.ids.reshape(n, k).numpy().astype(plan["ids_dtype"]))
     np.save(tmp / "logp.npy", _to_store(rows.logp.reshape(n, k).float(), plan["dtype"]))
@@ -211,88 +235,21 @@ def _write_shard(out: Path, index: int, parts: list[CachedRows], counts: list[in
 
 def _batches(dataset, start: int, end: int, batch_size: int):
     for s in range(start, end, batch_size):
-        yield dataset[s:min(s + batch_size, end)]
+        yield dataset[s : min(s + batch_size, end)]
 
 
-def _pad(batch: dict, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    longest = max(len(x) for x in batch["input_ids"])
-    ids = torch.full((len(batch["input_ids"]), longest), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for i, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids.to(device), labels.to(device), mask.to(device)
-
-
-class HFScorer:
-    """The reference's cached rows of a batch with transformers: one forward of the backbone, the lm_head on the
-    response rows only (in chunks), then log-softmax and top-k in float32."""
-
-    def __init__(self, model, pad_id: int, chunk_size: int = 1024):
-        from .fused import lm_head_of
-
-        self.model, self.pad_id, self.chunk_size = model, pad_id, chunk_size
-        self.head = lm_head_of(model)
-        self.device = next(model.parameters()).device
-
-    @torch.inference_mode()
-    def __call__(self, batch: dict, k: int) -> tuple[list[CachedRows], list[int]]:
-        ids, labels, mask = _pad(batch, self.pad_id, self.device)
-        hidden = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        h, y, rows = select_response(hidden, labels)
-        parts = [reference_rows(self.head.logits(h[s:s + self.chunk_size]), y[s:s + self.chunk_size], k)
-                 for s in range(0, y.numel(), self.chunk_size)]
-        counts = torch.bincount(rows, minlength=ids.shape[0]).tolist()
-        return [CachedRows(*(t.cpu() for t in (p.ids, p.logp, p.tail, p.label))) for p in parts], counts
-
-
-class VLLMScorer:
-    """The same rows with vLLM's prompt log-probs (GPU): `prompt_logprobs=k` gives, for every prompt position t, the
-    log-probabilities of the k most likely tokens and of the actual token t given the tokens before it.
-
-    vLLM reports only those k (+1) values, so the tail is log(1 - sum_K rho) computed in float64 as
-    log(-expm1(logsumexp(top-k))): below ~1e-6 the tail mass is rounding noise of vLLM's float32 log-probs.
-    """
-
-    def __init__(self, model_path: str, *, k: int, dtype: str | None, max_length: int | None, seed: int = 0,
-                 gpu_memory_utilization: float = 0.8, trust_remote_code: bool = False):
-        from vllm import LLM
-
-        # max_logprobs: vLLM's default (20) caps prompt_logprobs; one more position than max_length for the one
-        # token it must generate.
-        self.llm = LLM(model=model_path, dtype=dtype or "auto", seed=seed, max_logprobs=k,
-                       max_model_len=None if max_length is None else max_length + 1,
-                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
-                       generation_config="vllm")
-
-    def __call__(self, batch: dict, k: int) -> tuple[list[CachedRows], list[int]]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=0.0, detokenize=False)
-        prompts = [TokensPrompt(prompt_token_ids=list(x)) for x in batch["input_ids"]]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        parts, counts = [], []
-        for out, labels in zip(outputs, batch["labels"]):
-            lp = out.prompt_logprobs  # [T] of dict token -> Logprob; entry t scores token t given tokens < t
-            keep = [t for t in range(1, len(labels)) if labels[t] != -100]
-            ids = torch.zeros(len(keep), k, dtype=torch.long)
-            logp = torch.zeros(len(keep), k, dtype=torch.float64)
-            label = torch.zeros(len(keep), dtype=torch.float64)
-            for i, t in enumerate(keep):
-                ranked = sorted(lp[t].items(), key=lambda kv: -kv[1].logprob)
-                top = [(tok, v.logprob) for tok, v in ranked if v.rank is None or v.rank <= k][:k]
-                ids[i] = torch.tensor([tok for tok, _ in top])
-                logp[i] = torch.tensor([v for _, v in top], dtype=torch.float64)
-                label[i] = lp[t][labels[t]].logprob
-            tail = torch.log(-torch.expm1(torch.logsumexp(logp, -1).clamp(max=-1e-12)))
-            parts.append(CachedRows(ids, logp.float(), tail.float(), label.float()))
-            counts.append(len(keep))
-        return parts, counts
-
-
-def build_cache(scorer, dataset, plan: dict, output_dir: str | Path, *, batch_size: int = 8,
-                progress: bool = True, rank: int = 0, world_size: int = 1, on_shard=None) -> dict:
+def build_cache(
+    scorer,
+    dataset,
+    plan: dict,
+    output_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    on_shard=None,
+) -> dict:
     """Compute this process's missing shards (s % world_size == rank) and write them; returns the build's stats.
 
     `on_shard(index)` runs after each shard is written (tests interrupt a build there). The manifest is written by
@@ -301,14 +258,18 @@ def build_cache(scorer, dataset, plan: dict, output_dir: str | Path, *, batch_si
     out = Path(output_dir)
     for stale in out.glob(f".shard-*.tmp-{os.getpid()}"):
         shutil.rmtree(stale, ignore_errors=True)
-    todo = [(i, span) for i, span in enumerate(_shards(plan))
-            if i % world_size == rank and not (out / shard_name(i)).is_dir()]
+    todo = [
+        (i, span)
+        for i, span in enumerate(_shards(plan))
+        if i % world_size == rank and not (out / shard_name(i)).is_dir()
+    ]
     tokens = plan["examples"]["tokens"]
     total = sum(sum(tokens[s:e]) for _, (s, e) in todo)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="reference cache",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total, unit="tok", unit_scale=True, disable=not progress, desc="reference cache", dynamic_ncols=True
+    )
     done, start = 0, time.perf_counter()
     for index, (s, e) in todo:
         parts, counts = [], []
@@ -336,16 +297,20 @@ def finish_cache(output_dir: str | Path, plan: dict) -> dict:
         folder = out / shard_name(i)
         if not folder.is_dir():
             raise RuntimeError(f"{folder} is missing: the build is not finished (run the same command again)")
-        shards.append({"name": folder.name, "first": s, "count": e - s, "tokens": sum(plan["examples"]["tokens"][s:e]),
-                       "bytes": sum(f.stat().st_size for f in sorted(folder.iterdir()))})
+        shards.append(
+            {
+                "name": folder.name,
+                "first": s,
+                "count": e - s,
+                "tokens": sum(plan["examples"]["tokens"][s:e]),
+                "bytes": sum(f.stat().st_size for f in sorted(folder.iterdir())),
+            }
+        )
     for stale in out.glob(".shard-*.tmp-*"):  # left by an interrupted build; every process is done by now
         shutil.rmtree(stale, ignore_errors=True)
     manifest = {**plan, "shards": shards}
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest, indent=1, sort_keys=True)
     return manifest
-
-
-# ---------------------------------------------------------------------------------------------------- reading
 
 
 class ReferenceCache:
@@ -355,8 +320,11 @@ class ReferenceCache:
         self.path = Path(path)
         manifest = self.path / "manifest.json"
         if not manifest.exists():
-            what = "an unfinished build (run asft cache-reference again to finish it)" if \
-                (self.path / "build.json").exists() else "no reference cache"
+            what = (
+                "an unfinished build (run asft cache-reference again to finish it)"
+                if (self.path / "build.json").exists()
+                else "no reference cache"
+            )
             raise ConfigError(f"reference_cache: {self.path} holds {what}")
         self.manifest = json.loads(manifest.read_text())
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
@@ -377,8 +345,10 @@ class ReferenceCache:
     def _shard(self, i: int) -> dict[str, np.ndarray]:
         if i not in self._open:
             folder = self.path / self.manifest["shards"][i]["name"]
-            self._open[i] = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-                             for name in ("ids", "logp", "tail", "label", "offsets")}
+            self._open[i] = {
+                name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                for name in ("ids", "logp", "tail", "label", "offsets")
+            }
         return self._open[i]
 
     def rows(self, examples) -> CachedRows:
@@ -395,43 +365,58 @@ class ReferenceCache:
             k = self.top_k
             return CachedRows(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0), torch.zeros(0))
         ids, logp, tail, label = (np.concatenate([p[f] for p in parts]) for f in range(4))
-        return CachedRows(torch.from_numpy(ids.astype(np.int64)), _from_store(logp, self.manifest["dtype"]),
-                          torch.from_numpy(np.ascontiguousarray(tail)), torch.from_numpy(np.ascontiguousarray(label)))
+        return CachedRows(
+            torch.from_numpy(ids.astype(np.int64)),
+            _from_store(logp, self.manifest["dtype"]),
+            torch.from_numpy(np.ascontiguousarray(tail)),
+            torch.from_numpy(np.ascontiguousarray(label)),
+        )
 
     # ------------------------------------------------------------------------------------------------ checks
 
     def _describe(self) -> str:
         m = self.manifest
-        return (f"the cache was built from {','.join(m['data'])} with template={m['template']}, "
-                f"max_length={m['max_length']}, truncation={m['truncation']}")
+        return (
+            f"the cache was built from {','.join(m['data'])} with template={m['template']}, "
+            f"max_length={m['max_length']}, truncation={m['truncation']}"
+        )
 
-    def check_settings(self, *, tokenizer=None, template: str | None = None, max_length=_UNSET,
-                       truncation: str | None = None) -> None:
+    def check_settings(
+        self, *, tokenizer=None, template: str | None = None, max_length=_UNSET, truncation: str | None = None
+    ) -> None:
         """Refuse a cache built with another tokenizer, template, max length or truncation, naming the field."""
         m, where = self.manifest, f"reference_cache {self.path}"
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != m["tokenizer"]:
-            raise CacheMismatchError(f"{where}: field 'tokenizer': the cache was built with another tokenizer "
-                                     f"(fingerprint {m['tokenizer']}); rebuild it with this model's tokenizer")
+            raise CacheMismatchError(
+                f"{where}: field 'tokenizer': the cache was built with another tokenizer "
+                f"(fingerprint {m['tokenizer']}); rebuild it with this model's tokenizer"
+            )
         if template is not None and template != m["template"]:
-            raise CacheMismatchError(f"{where}: field 'template': the cache was built with {m['template']!r}, "
-                                     f"training uses {template!r}")
+            raise CacheMismatchError(
+                f"{where}: field 'template': the cache was built with {m['template']!r}, training uses {template!r}"
+            )
         if max_length is not _UNSET and max_length != m["max_length"]:
-            raise CacheMismatchError(f"{where}: field 'max_length': the cache was built with {m['max_length']}, "
-                                     f"training uses {max_length}")
+            raise CacheMismatchError(
+                f"{where}: field 'max_length': the cache was built with {m['max_length']}, training uses {max_length}"
+            )
         if truncation is not None and truncation != m["truncation"]:
-            raise CacheMismatchError(f"{where}: field 'truncation': the cache was built with {m['truncation']!r}, "
-                                     f"training uses {truncation!r}")
+            raise CacheMismatchError(
+                f"{where}: field 'truncation': the cache was built with {m['truncation']!r}, "
+                f"training uses {truncation!r}"
+            )
 
     def check_example(self, index: int, input_ids, labels, origin: str | None = None) -> None:
         """Refuse an example whose token ids are not those the cache was built from, naming it."""
         name = f"example {index}" + (f" ({origin})" if origin else "")
         if not 0 <= index < len(self):
-            raise CacheMismatchError(f"reference_cache {self.path}: {name}: the cache holds only {len(self)} examples; "
-                                     f"{self._describe()}")
+            raise CacheMismatchError(
+                f"reference_cache {self.path}: {name}: the cache holds only {len(self)} examples; {self._describe()}"
+            )
         if example_fingerprint(input_ids, labels) != self.fingerprints[index]:
             raise CacheMismatchError(
                 f"reference_cache {self.path}: {name}: field 'input_ids': its token ids differ from the cache's "
-                f"example {index} ({self.origins[index]}); {self._describe()}; rebuild the cache for this data")
+                f"example {index} ({self.origins[index]}); {self._describe()}; rebuild the cache for this data"
+            )
 
     def check_dataset(self, dataset) -> None:
         """Every example of a tokenized dataset (before the trainer's preparation) against the cache, in order."""
@@ -440,9 +425,11 @@ class ReferenceCache:
             origin = f"{row['source']}:{row['line']}" if "source" in cols else None
             self.check_example(i, row["input_ids"], row["labels"], origin)
         if len(dataset) != len(self):
-            raise CacheMismatchError(f"reference_cache {self.path}: the data holds {len(dataset)} examples, the cache "
-                                     f"{len(self)} (example {len(dataset)}: {self.origins[len(dataset)]} has no "
-                                     f"counterpart); {self._describe()}")
+            raise CacheMismatchError(
+                f"reference_cache {self.path}: the data holds {len(dataset)} examples, the cache "
+                f"{len(self)} (example {len(dataset)}: {self.origins[len(dataset)]} has no "
+                f"counterpart); {self._describe()}"
+            )
 
     def stats(self) -> dict:
         """Size, bytes per token and the mean tail mass (how much of the reference's probability top-k leaves out)."""
@@ -454,72 +441,4 @@ class ReferenceCache:
             t = np.asarray(shard["tail"], dtype=np.float64)
             tail_sum += float(np.exp(t).sum())
             n += t.size
-        return {"bytes": size, "bytes_per_token": data / max(n, 1), "mean_tail_mass": tail_sum / max(n, 1),
-                "tokens": n}
-
-
-# ---------------------------------------------------------------------------------------------------- training
-
-
-def open_for_training(args, ref_model, trainer_kwargs: dict, model=None):
-    """The cache of `args.reference_cache`, checked against the trainer's tokenizer, max length and every training
-    example (named on a mismatch), and the train_dataset with the stable example index column added.
-
-    A policy whose starting weights are not the cache's reference is trained, with a warning: the KL then anchors
-    to the model the cache was built from (intended with `cache-reference --reference_model_path`)."""
-    import warnings
-
-    import datasets
-
-    if ref_model is not None:
-        raise ConfigError("ref_model: with reference_cache no reference model is used; pass one or the other")
-    cache = ReferenceCache(args.reference_cache)
-    if model is not None and not isinstance(model, str) and not hasattr(model, "get_base_model") and \
-            not any(hasattr(p, "ds_id") for p in model.parameters()):  # a plain model (not PEFT, not ZeRO-3 shards)
-        if model_fingerprint(model) != cache.manifest["reference"]["fingerprint"]:
-            warnings.warn(f"reference_cache: the cache's reference ({cache.manifest['reference']['path']}) is not "
-                          "the model being trained (other weights or config): the KL anchors to that model",
-                          stacklevel=3)
-    cache.check_settings(tokenizer=trainer_kwargs.get("processing_class"), max_length=args.max_length)
-    if trainer_kwargs.get("eval_dataset") is not None:
-        raise ConfigError("eval_data_path: the reference cache covers the training set only; evaluate without "
-                          "reference_cache, or leave out the held-out data")
-    ds = trainer_kwargs.get("train_dataset")
-    if not isinstance(ds, datasets.Dataset) or not {"input_ids", "labels"} <= set(ds.column_names):
-        raise ConfigError("reference_cache: train_dataset must be a tokenized datasets.Dataset with input_ids and "
-                          "labels (asft.data.build_dataset makes one)")
-    cache.check_dataset(ds)
-    if EXAMPLE_COLUMN not in ds.column_names:
-        ds = ds.add_column(EXAMPLE_COLUMN, list(range(len(ds))))
-    return cache, {**trainer_kwargs, "train_dataset": ds}
-
-
-def check_for_cli(path: str, dataset, tokenizer, template: str, max_length) -> None:
-    """`asft train --reference_cache`: the cache against the data and settings, before any model is loaded."""
-    from .data import resolve_template
-
-    cache = ReferenceCache(path)
-    cache.check_settings(tokenizer=tokenizer, template=resolve_template(template, tokenizer), max_length=max_length)
-    cache.check_dataset(dataset)
-
-
-def check_prepared(cache: ReferenceCache, dataset) -> None:
-    """After the trainer's preparation (its truncation, filtering, shuffling): each row is still its cached example."""
-    if EXAMPLE_COLUMN not in dataset.column_names:
-        raise ConfigError(f"reference_cache: the prepared dataset lost its {EXAMPLE_COLUMN!r} column (packing?)")
-    for row in dataset:
-        e = int(row[EXAMPLE_COLUMN])
-        cache.check_example(e, row["input_ids"], row["labels"], cache.origins[e] + ", after the trainer's truncation")
-
-
-class ExampleIndexCollator:
-    """Wraps the trainer's collator: the examples' `asft_example` indices travel with the batch as a tensor."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, examples):
-        index = [int(ex[EXAMPLE_COLUMN]) for ex in examples]
-        batch = self.inner([{k: v for k, v in ex.items() if k != EXAMPLE_COLUMN} for ex in examples])
-        batch[EXAMPLE_COLUMN] = torch.tensor(index, dtype=torch.long)
-        return batch
+        return {"bytes": size, "bytes_per_token": data / max(n, 1), "mean_tail_mass": tail_sum / max(n, 1), "tokens": n}

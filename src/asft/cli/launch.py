@@ -13,9 +13,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
-PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 KINDS = {"accelerate": ".yaml", "deepspeed": ".json"}
 
 
@@ -38,8 +38,9 @@ def resolve_preset(value: str, kind: str | None = None, field: str = "config") -
     hint = ""
     if name == value and stem in shipped:
         hint = f" ({stem} is {'an accelerate' if shipped[stem].suffix == '.yaml' else 'a DeepSpeed'} preset)"
-    raise ConfigError(f"{field}: {value!r} is neither an existing file nor a shipped preset{hint}; presets: "
-                      f"{', '.join(found)}")
+    raise ConfigError(
+        f"{field}: {value!r} is neither an existing file nor a shipped preset{hint}; presets: {', '.join(found)}"
+    )
 
 
 LAUNCH_USAGE = """usage: asft launch [--accelerate_config NAME|PATH] [accelerate launch options] train [train options]
@@ -57,7 +58,7 @@ def launch_argv(argv: list[str]) -> list[str]:
     if "train" not in argv:
         raise ConfigError("asft launch: expected `train` followed by the training options (asft launch --help)")
     split = argv.index("train")
-    launch_args, train_args = [], argv[split + 1:]
+    launch_args, train_args = [], argv[split + 1 :]
     rest = iter(argv[:split])
     for a in rest:
         if a.split("=")[0] != "--accelerate_config":

@@ -1,0 +1,70 @@
+"""`asft` command line: one module per command, dispatched by `main`. `python -m asft.cli` works too (the
+accelerate presets launch it that way)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ..errors import ConfigError, DataError, ModelLoadError, TrainingDivergedError
+from .args import quiet_cpu_noise
+
+USAGE = """usage: asft COMMAND [ARGS]
+
+commands:
+  train       fine-tune a causal LM with sft | dft | sft_kl | asft | iw_sft
+  eval        evaluate a model (medical, math, judge, drift, code)
+  merge-lora  merge a LoRA adapter into its base model
+  data        download, convert and inspect training data
+  cache-reference  store the reference's top-k log-probs over the training set (asft train --reference_cache)
+  launch      run `asft train` under `accelerate launch` with a preset: ddp, fsdp, zero2, zero3 (or a config file)
+  config-path print the path of a shipped preset (ddp fsdp zero2 zero3 ds_zero2_bf16 ds_zero3_bf16)
+  rl          GRPO / DAPO / Dr.GRPO from an asft run with verifiable rewards (math, choice, your own)
+  plot        training curves of runs (metrics.jsonl), or --kind probs: the histogram of p(y_t) per model
+  compare     one report comparing runs and evaluations (markdown table, plots, CSV, JSON)
+  quickstart  offline ASFT demo on the embedded SmolLM2-135M-Instruct (about 5 minutes on 2 CPU cores)
+
+`asft COMMAND --help` describes each command."""
+
+
+# command -> (module of asft.cli, function); each module is imported only when its command runs.
+COMMANDS = {
+    "train": ("train", "main"),
+    "eval": ("eval", "main"),
+    "merge-lora": ("merge", "main"),
+    "data": ("data", "main"),
+    "cache-reference": ("cache", "main"),
+    "launch": ("launch", "launch"),
+    "config-path": ("launch", "config_path"),
+    "rl": ("rl", "main"),
+    "plot": ("report", "plot_main"),
+    "compare": ("report", "compare_main"),
+    "quickstart": ("quickstart", "main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--local_rank="):  # the deepspeed launcher puts it before our command
+        argv = argv[1:] + argv[:1]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in ("train", "quickstart", "eval", "rl", "cache-reference"):
+        quiet_cpu_noise()
+    if command not in COMMANDS:
+        print(f"asft: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module, function = COMMANDS[command]
+    command_main = getattr(importlib.import_module(f"{__name__}.{module}"), function)
+
+    try:
+        return command_main(rest)
+    except (ConfigError, DataError, ModelLoadError, FileExistsError) as e:
+        # Our own validation errors (data file:line:field, config values, model paths): one clear line.
+        print(f"asft {command}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as e:
+        print(f"asft {command}: error: {e}", file=sys.stderr)
+        return 3

