@@ -91,6 +91,24 @@ def tiny_model(tokenizer):
     return build_model(tokenizer)
 
 
+def cli_args(command: str, *positional, **flags) -> list[str]:
+    """An `asft COMMAND` argv: each keyword becomes `--name value` (True: the bare flag `--name`), in order."""
+    argv = [command, *map(str, positional)]
+    for name, value in flags.items():
+        argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return argv
+
+
+TINY_RUN = {"logging_steps": 1, "use_cpu": "true", "disable_tqdm": "true"}
+
+
+def train_cmd(model_dir, data, out, *extra: str, **flags) -> list[str]:
+    """`asft train` argv of a tiny CPU run: model, data and output folder, `flags` over the TINY_RUN defaults,
+    then `extra` as given (last, so it can override any of them)."""
+    base = {"model_name_or_path": model_dir, "data_path": data, "output_dir": out}
+    return [*cli_args("train", **base, **{**TINY_RUN, **flags}), *extra]
+
+
 def sigterm_once_logging(cmd: list[str], metrics, cwd=None, timeout: float = 120):
     """Start `cmd` (a training command), send SIGTERM once it has written `metrics`; return (exit code, output)."""
     import signal

@@ -13,6 +13,7 @@ from asft.cache import ReferenceCache, reference_rows
 from asft.cli import main
 from asft.fused import LMHead, fused_loss_selected
 from asft.objectives import MODES, CachedRows, bucketed_kl, kl_from_logprobs, needs_reference, token_loss
+from conftest import cli_args
 
 V, H = 389, 24
 
@@ -202,20 +203,14 @@ def write_data(path: Path, n=12, seed=0, change=None):
 
 def build_argv(model_dir, data, out, k, *extra):
     return [
-        "cache-reference",
-        "--model_name_or_path",
-        str(model_dir),
-        "--data_path",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--top_k",
-        str(k),
-        "--shard_size",
-        "5",
-        "--batch_size",
-        "3",
-        "--disable_tqdm",
+        *cli_args(
+            "cache-reference",
+            *"--shard_size 5 --batch_size 3 --disable_tqdm".split(),
+            model_name_or_path=model_dir,
+            data_path=data,
+            output_dir=out,
+            top_k=k,
+        ),
         *extra,
     ]
 
@@ -231,45 +226,18 @@ def built(tmp_path_factory, tiny_model_dir):
 
 def train_argv(model_dir, data, out, *extra):
     return [
-        "train",
-        "--model_name_or_path",
-        str(model_dir),
-        "--data_path",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--mode",
-        "asft",
-        "--per_device_train_batch_size",
-        "2",
-        "--gradient_accumulation_steps",
-        "2",
-        "--max_steps",
-        "3",
-        "--optim",
-        "sgd",
-        "--max_grad_norm",
-        "0",
-        "--lr_scheduler_type",
-        "constant",
-        "--learning_rate",
-        "20",
-        "--kl_weight",
-        "0.5",
-        "--save_strategy",
-        "no",
-        "--logging_steps",
-        "1",
-        "--use_cpu",
-        "true",
-        "--fused_chunk_size",
-        "7",
-        "--seed",
-        "0",
-        "--disable_tqdm",
-        "true",
-        "--report_to",
-        "none",
+        *cli_args(
+            "train",
+            *(
+                "--mode asft --per_device_train_batch_size 2 --gradient_accumulation_steps 2 --max_steps 3"
+                " --optim sgd --max_grad_norm 0 --lr_scheduler_type constant --learning_rate 20 --kl_weight"
+                " 0.5 --save_strategy no --logging_steps 1 --use_cpu true --fused_chunk_size 7 --seed 0"
+                " --disable_tqdm true --report_to none"
+            ).split(),
+            model_name_or_path=model_dir,
+            data_path=data,
+            output_dir=out,
+        ),
         *extra,
     ]
 

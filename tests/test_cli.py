@@ -9,6 +9,7 @@ from asft.cli import main
 from asft.cli.train import parse_train_args
 from asft.errors import ConfigError
 from asft.objectives import MODES
+from conftest import cli_args, train_cmd
 
 
 @pytest.fixture(scope="module")
@@ -22,30 +23,8 @@ def data_file(tmp_path_factory):
 
 
 def train_args(model_dir, data_file, out, *extra):
-    return [
-        "train",
-        "--model_name_or_path",
-        str(model_dir),
-        "--data_path",
-        str(data_file),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "4",
-        "--learning_rate",
-        "1e-3",
-        "--logging_steps",
-        "1",
-        "--save_strategy",
-        "no",
-        "--use_cpu",
-        "true",
-        "--disable_tqdm",
-        "true",
-        *extra,
-    ]
+    flags = "--max_steps 2 --per_device_train_batch_size 4 --learning_rate 1e-3 --save_strategy no"
+    return train_cmd(model_dir, data_file, out, *flags.split(), *extra)
 
 
 def logged(out):
@@ -87,17 +66,7 @@ def test_merge_lora_equals_peft_merge(tiny_model_dir, data_file, tmp_path):
     )
     merged_dir = tmp_path / "merged"
     assert (
-        main(
-            [
-                "merge-lora",
-                "--base_model_path",
-                str(tiny_model_dir),
-                "--lora_model_path",
-                str(adapter),
-                "--output_dir",
-                str(merged_dir),
-            ]
-        )
+        main(cli_args("merge-lora", base_model_path=tiny_model_dir, lora_model_path=adapter, output_dir=merged_dir))
         == 0
     )
     ours = AutoModelForCausalLM.from_pretrained(merged_dir)
@@ -109,17 +78,7 @@ def test_merge_lora_equals_peft_merge(tiny_model_dir, data_file, tmp_path):
     assert not torch.allclose(ours(input_ids=ids).logits, base(input_ids=ids).logits)
     # merging again into the same folder is refused: nothing written is overwritten silently
     assert (
-        main(
-            [
-                "merge-lora",
-                "--base_model_path",
-                str(tiny_model_dir),
-                "--lora_model_path",
-                str(adapter),
-                "--output_dir",
-                str(merged_dir),
-            ]
-        )
+        main(cli_args("merge-lora", base_model_path=tiny_model_dir, lora_model_path=adapter, output_dir=merged_dir))
         == 2
     )
 

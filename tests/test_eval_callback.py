@@ -6,6 +6,7 @@ import pytest
 
 from asft.cli import main
 from asft.errors import ConfigError
+from conftest import train_cmd
 
 
 def write_jsonl(path, rows):
@@ -46,34 +47,8 @@ def files(tmp_path_factory):
 
 
 def train_args(model_dir, files, out, *extra):
-    return [
-        "train",
-        "--model_name_or_path",
-        str(model_dir),
-        "--data_path",
-        str(files["train"]),
-        "--output_dir",
-        str(out),
-        "--mode",
-        "dft",
-        "--per_device_train_batch_size",
-        "3",
-        "--learning_rate",
-        "3e-2",
-        "--max_steps",
-        "4",
-        "--save_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        "--use_cpu",
-        "true",
-        "--disable_tqdm",
-        "true",
-        "--seed",
-        "0",
-        *extra,
-    ]
+    flags = dict(mode="dft", per_device_train_batch_size=3, learning_rate="3e-2", max_steps=4, save_steps=2, seed=0)
+    return train_cmd(model_dir, files["train"], out, *extra, **flags)
 
 
 def records(out):

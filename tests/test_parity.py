@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from asft.cli import main
 from asft.data import IGNORE_INDEX, Row, to_example, tokenize
+from conftest import cli_args
 
 # The paper's PROMPT_DICT, spelled out: no newline after "### Response:".
 PAPER_NO_INPUT = (
@@ -88,42 +89,20 @@ def test_training_matches_the_papers_script(tiny_model_dir, tokenizer, tmp_path)
     out = tmp_path / "asft"
     assert (
         main(
-            [
+            cli_args(
                 "train",
-                "--model_name_or_path",
-                str(tiny_model_dir),
-                "--data_path",
-                str(data),
-                "--output_dir",
-                str(out),
-                "--template",
-                "alpaca",
-                "--loss_normalization",
-                "micro_batch",
-                "--optim",
-                "adamw_torch",
-                "--mode",
-                "asft",
-                "--kl_weight",
-                str(kl_weight),
-                "--learning_rate",
-                str(lr),
-                "--lr_scheduler_type",
-                "constant",
-                "--per_device_train_batch_size",
-                "2",
-                "--gradient_accumulation_steps",
-                "2",
-                "--max_steps",
-                str(steps),
-                "--train_sampling_strategy",
-                "sequential",
-                "--save_strategy",
-                "no",
-                "--use_cpu",
-                "--disable_tqdm",
-                "true",
-            ]
+                *(
+                    "--template alpaca --loss_normalization micro_batch --optim adamw_torch --mode asft"
+                    " --lr_scheduler_type constant --per_device_train_batch_size 2 --gradient_accumulation_steps"
+                    " 2 --train_sampling_strategy sequential --save_strategy no --use_cpu --disable_tqdm true"
+                ).split(),
+                model_name_or_path=tiny_model_dir,
+                data_path=data,
+                output_dir=out,
+                kl_weight=kl_weight,
+                learning_rate=lr,
+                max_steps=steps,
+            )
         )
         == 0
     )

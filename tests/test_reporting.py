@@ -7,6 +7,7 @@ import pytest
 
 from asft.cli import main
 from asft.reporting import collect, load_run, plot_metrics, plot_probs, read_metrics, series, smooth
+from conftest import cli_args
 
 
 def write_jsonl(path, rows):
@@ -39,51 +40,24 @@ def runs(tiny_model_dir, tmp_path_factory):
         assert (
             main(
                 [
-                    "train",
-                    "--model_name_or_path",
-                    str(tiny_model_dir),
-                    "--data_path",
-                    str(train),
-                    "--output_dir",
-                    str(run),
-                    "--mode",
-                    mode,
-                    "--per_device_train_batch_size",
-                    "3",
-                    "--learning_rate",
-                    "3e-2",
-                    "--max_steps",
-                    "4",
-                    "--logging_steps",
-                    "1",
-                    "--save_strategy",
-                    "no",
-                    "--use_cpu",
-                    "true",
-                    "--disable_tqdm",
-                    "true",
-                    "--seed",
-                    "0",
+                    *cli_args(
+                        "train",
+                        *(
+                            "--per_device_train_batch_size 3 --learning_rate 3e-2 --max_steps 4 --logging_steps 1"
+                            " --save_strategy no --use_cpu true --disable_tqdm true --seed 0"
+                        ).split(),
+                        model_name_or_path=tiny_model_dir,
+                        data_path=train,
+                        output_dir=run,
+                        mode=mode,
+                    ),
                     *extra,
                 ]
             )
             == 0
         )
         assert (
-            main(
-                [
-                    "eval",
-                    "--task",
-                    "medical",
-                    "--model",
-                    str(run),
-                    "--data",
-                    str(med),
-                    "--output_dir",
-                    str(run / "eval-medical"),
-                    "--quiet",
-                ]
-            )
+            main(cli_args("eval", task="medical", model=run, data=med, output_dir=run / "eval-medical", quiet=True))
             == 0
         )
         out[mode] = run
@@ -128,21 +102,7 @@ def test_plot_refuses_a_metric_no_run_logged(runs, capsys):
 def test_compare_table_numbers_are_the_inputs(runs, tmp_path):
     outside = tmp_path / "eval-outside"  # an evaluation kept outside the run folder, found by its model path
     assert (
-        main(
-            [
-                "eval",
-                "--task",
-                "medical",
-                "--model",
-                str(runs["sft"]),
-                "--data",
-                str(runs["med"]),
-                "--output_dir",
-                str(outside),
-                "--quiet",
-            ]
-        )
-        == 0
+        main(cli_args("eval", task="medical", model=runs["sft"], data=runs["med"], output_dir=outside, quiet=True)) == 0
     )
     report_dir = tmp_path / "report"
     assert main(["compare", str(runs["sft"]), str(runs["asft"]), str(outside), "--output_dir", str(report_dir)]) == 0

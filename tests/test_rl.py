@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from asft.cli import main
 from asft.cli.rl import prepare
 from asft.rl.rewards import GuardedReward, build_rewards, extract_letter
+from conftest import cli_args
 
 TERMS = [
     "reward",
@@ -182,27 +183,16 @@ def asft_run(tiny_model_dir, tmp_path_factory):
     out = tmp / "run"
     assert (
         main(
-            [
+            cli_args(
                 "train",
-                "--model_name_or_path",
-                str(tiny_model_dir),
-                "--data_path",
-                str(data),
-                "--output_dir",
-                str(out),
-                "--mode",
-                "asft",
-                "--max_steps",
-                "2",
-                "--per_device_train_batch_size",
-                "2",
-                "--learning_rate",
-                "1e-2",
-                "--use_cpu",
-                "true",
-                "--disable_tqdm",
-                "true",
-            ]
+                *(
+                    "--mode asft --max_steps 2 --per_device_train_batch_size 2 --learning_rate 1e-2 --use_cpu"
+                    " true --disable_tqdm true"
+                ).split(),
+                model_name_or_path=tiny_model_dir,
+                data_path=data,
+                output_dir=out,
+            )
         )
         == 0
     )

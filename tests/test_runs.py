@@ -12,7 +12,7 @@ from asft import AnchoredSFTConfig, AnchoredSFTTrainer
 from asft.cli import main
 from asft.errors import TrainingDivergedError
 from asft.training.checkpoints import last_checkpoint
-from conftest import build_model, sigterm_once_logging
+from conftest import build_model, sigterm_once_logging, train_cmd
 from test_trainer import uneven_dataset
 
 
@@ -25,30 +25,8 @@ def data_file(tmp_path_factory):
 
 
 def args_for(model_dir, data_file, out, *extra):
-    return [
-        "train",
-        "--model_name_or_path",
-        str(model_dir),
-        "--data_path",
-        str(data_file),
-        "--output_dir",
-        str(out),
-        "--per_device_train_batch_size",
-        "2",
-        "--learning_rate",
-        "5e-3",
-        "--lr_scheduler_type",
-        "linear",
-        "--logging_steps",
-        "1",
-        "--use_cpu",
-        "true",
-        "--disable_tqdm",
-        "true",
-        "--seed",
-        "3",
-        *extra,
-    ]
+    flags = "--per_device_train_batch_size 2 --learning_rate 5e-3 --lr_scheduler_type linear --seed 3"
+    return train_cmd(model_dir, data_file, out, *flags.split(), *extra)
 
 
 def losses(out):
