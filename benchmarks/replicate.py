@@ -165,10 +165,7 @@ def train(mode: str, base: str, paths: dict, out: Path, s: dict) -> float:
     """`asft train` in a child process (a fresh interpreter per mode: nothing carries over between runs)."""
     argv = [
         sys.executable,
-        "-m",
-        "asft.cli",
-        "train",
-        "--model_name_or_path",
+        *"-m asft.cli train --model_name_or_path".split(),
         base,
         "--data_path",
         str(paths["train"]),
@@ -187,25 +184,9 @@ def train(mode: str, base: str, paths: dict, out: Path, s: dict) -> float:
         str(s["batch"]),
         "--learning_rate",
         str(s["lr"]),
-        "--lr_scheduler_type",
-        "cosine",
-        "--warmup_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        "--save_strategy",
-        "no",
-        "--seed",
+        *"--lr_scheduler_type cosine --warmup_steps 2 --logging_steps 1 --save_strategy no --seed".split(),
         str(s["seed"]),
-        "--use_cpu",
-        "true",
-        "--disable_tqdm",
-        "true",
-        "--report_to",
-        "none",
-        "--eval_task",
-        "math",
-        "--eval_task_data",
+        *"--use_cpu true --disable_tqdm true --report_to none --eval_task math --eval_task_data".split(),
         str(paths["test"]),
         "--eval_task_steps",
         str(s["eval_steps"]),
@@ -223,10 +204,7 @@ def train(mode: str, base: str, paths: dict, out: Path, s: dict) -> float:
 
 def drift(model: Path, base: str, data: Path, out: Path) -> dict:
     asft(
-        "eval",
-        "--task",
-        "drift",
-        "--model",
+        *"eval --task drift --model".split(),
         str(model),
         "--base_model",
         base,
@@ -323,10 +301,7 @@ def main() -> int:
     base_eval = out / "base"
     if not (reuse and (base_eval / "results.json").exists()):
         asft(
-            "eval",
-            "--task",
-            "math",
-            "--model",
+            *"eval --task math --model".split(),
             base,
             "--data",
             str(paths["test"]),
@@ -334,10 +309,7 @@ def main() -> int:
             str(base_eval),
             "--max_new_tokens",
             str(s["max_new_tokens"]),
-            "--batch_size",
-            "16",
-            "--overwrite",
-            "--quiet",
+            *"--batch_size 16 --overwrite --quiet".split(),
         )
     [base_result] = json.loads((base_eval / "results.json").read_text())["datasets"].values()
 
@@ -355,20 +327,12 @@ def main() -> int:
         str(base_eval),
         "--output_dir",
         str(report),
-        "--metrics",
-        "loss",
-        "nll",
-        "kl",
-        "mean_prob",
-        "math/test/accuracy",
+        *"--metrics loss nll kl mean_prob math/test/accuracy".split(),
     )
     asft(
         "plot",
         *[str(out / "runs" / m) for m in modes],
-        "--metrics",
-        "math/test/accuracy",
-        "kl",
-        "--output",
+        *"--metrics math/test/accuracy kl --output".split(),
         str(report / "figure1.png"),
     )
     asft(

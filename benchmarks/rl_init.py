@@ -31,6 +31,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "src")]
 from reasoning_task import INSTRUCTION, write_task  # noqa: E402
 
 BASE = "embedded:smollm2-135m-instruct"
+# the tail of every training command here: no checkpoints, CPU, no progress bars
+CPU_RUN = "--save_strategy no --use_cpu true --disable_tqdm true".split()
 
 FULL = dict(
     n_train=400,
@@ -123,18 +125,8 @@ def start_model(mode: str, args, cfg, train: Path) -> str:
             str(cfg["start_batch"]),
             "--learning_rate",
             str(cfg["start_lr"]),
-            "--lr_scheduler_type",
-            "cosine",
-            "--warmup_steps",
-            "1",
-            "--logging_steps",
-            "1",
-            "--save_strategy",
-            "no",
-            "--use_cpu",
-            "true",
-            "--disable_tqdm",
-            "true",
+            *"--lr_scheduler_type cosine --warmup_steps 1 --logging_steps 1".split(),
+            *CPU_RUN,
             "--seed",
             str(args.seed),
         )
@@ -157,12 +149,7 @@ def accuracy(model: str, test: Path, out: Path, cfg) -> float:
             str(cfg["eval_n"]),
             "--max_new_tokens",
             str(cfg["eval_tokens"]),
-            "--batch_size",
-            "16",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--overwrite",
+            *"--batch_size 16 --device cpu --quiet --overwrite".split(),
         )
     report = json.loads((out / "results.json").read_text())
     return report["macro_average"]["value"]
@@ -197,12 +184,7 @@ def run_rl(model: str, problems: Path, out: Path, args, cfg) -> Path:
             str(cfg["rl_lr"]),
             "--gradient_checkpointing",
             "false",
-            "--save_strategy",
-            "no",
-            "--use_cpu",
-            "true",
-            "--disable_tqdm",
-            "true",
+            *CPU_RUN,
             "--seed",
             str(args.seed),
         )
