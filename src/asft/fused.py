@@ -38,7 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .objectives import CachedRows, check_arguments, kl_over_buckets, select_response, token_weights, uses_kl
+from .objectives import (
+    CachedRows,
+    check_arguments,
+    kl_over_buckets,
+    select_response,
+    token_metrics,
+    token_weights,
+    uses_kl,
+)
 
 
 @dataclass(frozen=True)
@@ -605,19 +613,8 @@ def fused_loss_selected(
     if n == 0:
         return loss, {"num_tokens": 0.0}
     logp_y, _, entropy, hit, kl, weight = stats
-    metrics = {
-        "nll": -logp_y.mean(),
-        "weighted_nll": (weight * -logp_y).mean(),
-        "mean_prob": logp_y.exp().mean(),
-        "mean_weight": weight.mean(),
-        "entropy": entropy.mean(),
-        "token_accuracy": hit.mean(),
-    }
-    if ref_hidden is not None or ref_cache is not None:
-        metrics["kl"] = kl.mean()
-    metrics = {key: float(v) for key, v in metrics.items()}
-    metrics["num_tokens"] = float(n)
-    return loss, metrics
+    has_reference = ref_hidden is not None or ref_cache is not None
+    return loss, token_metrics(logp_y, weight, entropy, hit, kl if has_reference else None)
 
 
 def fused_token_loss(

@@ -195,6 +195,22 @@ def check_arguments(mode: str, has_reference: bool, kl_weight: float, kl_directi
     return mode
 
 
+def token_metrics(logp_y: Tensor, weight: Tensor, entropy: Tensor, hit: Tensor, kl: Tensor | None) -> dict[str, float]:
+    """The logged terms, per response token averaged: nll (plain CE), the weighted term, mean p(y_t), mean weight,
+    entropy, token accuracy, KL where there is a reference; and the token count (the same for both loss paths)."""
+    metrics = {
+        "nll": -logp_y.mean(),
+        "weighted_nll": (weight * -logp_y).mean(),
+        "mean_prob": logp_y.exp().mean(),
+        "mean_weight": weight.mean(),
+        "entropy": entropy.mean(),
+        "token_accuracy": hit.mean(),
+    }
+    if kl is not None:
+        metrics["kl"] = kl.mean()
+    return {**{k: float(v) for k, v in metrics.items()}, "num_tokens": float(logp_y.numel())}
+
+
 def token_loss(
     mode: str,
     logits: Tensor,
@@ -258,16 +274,6 @@ def token_loss(
 
     with torch.no_grad():
         p = logp.exp()
-        metrics = {
-            "nll": ce.mean(),
-            "weighted_nll": (weight * ce).mean(),
-            "mean_prob": logp_y.exp().mean(),
-            "mean_weight": weight.mean(),
-            "entropy": -(p * logp).sum(-1).mean(),
-            "token_accuracy": (z.argmax(-1) == y).float().mean(),
-        }
-        if kl is not None:
-            metrics["kl"] = kl.mean()
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics["num_tokens"] = float(n)
+        entropy = -(p * logp).sum(-1)
+        metrics = token_metrics(logp_y, weight, entropy, (z.argmax(-1) == y).float(), kl)
     return loss, metrics
