@@ -153,9 +153,17 @@ def worker(mode: str, vocab: int, hidden: int, tokens: int, rows: int, chunk: in
     paths = ["naive", "fused"] + (["liger"] if liger and mode in LIGER_MODES else [])
     per_row = tokens // rows
     inputs = batch(rows, per_row)
+    errors = {}
     if cuda:  # warm-up at full size: the fused path (and Liger's) compile there, on the run's chunk shapes
-        for path in paths:
-            step(path, *inputs)
+        for path in list(paths):
+            try:
+                step(path, *inputs)
+            except Exception as e:  # noqa: BLE001 - Liger's failure is a result; ours are raised
+                if path != "liger":
+                    raise
+                errors[path] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                paths.remove(path)
+                weight.grad = inputs[0].grad = None
     else:  # smaller warm-ups: a naive step at full size costs minutes on 2 cores
         step("naive", *batch(1, min(per_row, 16)))  # loads the libraries
         # Same chunk shapes and code path as the run: sequences packed into one chunk, or one over two chunks.
@@ -168,7 +176,7 @@ def worker(mode: str, vocab: int, hidden: int, tokens: int, rows: int, chunk: in
             result[path]["peaks"].append(peak)
     out = {path: {"time": min(r["times"]), "median": statistics.median(r["times"]), "peak": max(r["peaks"]),
                   "times": r["times"]} for path, r in result.items()}
-    return {**out, "load": os.getloadavg()[0]}
+    return {**out, **errors, "load": os.getloadavg()[0]}
 
 
 def main() -> None:
