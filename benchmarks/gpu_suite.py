@@ -56,6 +56,14 @@ LLAMA_2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, n
                   num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False, max_position_embeddings=4096)
 
 
+def shape_name(shape: dict) -> str:
+    if shape is LLAMA_3_2_1B:
+        return "Llama-3.2-1B-shaped"
+    if shape is LLAMA_2_7B:
+        return "Llama-2-7B-shaped"
+    return f"toy Llama: hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, vocabulary {shape['vocab_size']}"
+
+
 def toy(vocab, hidden, layers):
     return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=4096)
@@ -225,7 +233,8 @@ def train_measured(model, tokenizer, mode: str, lora: bool, data: str, steps: in
               "peak_gb": torch.cuda.max_memory_allocated() / GB if cuda else None,
               "reserved_gb": torch.cuda.max_memory_reserved() / GB if cuda else None,
               "loss": trainer.state.log_history[-1].get("train_loss"),
-              "reference": type(trainer.reference).__name__ if trainer.reference is not None else None}
+              "reference": type(trainer.reference).__name__ if trainer.reference is not None else None,
+              "gradient_checkpointing": getattr(trainer.model, "is_gradient_checkpointing", None)}
     del trainer
     return result
 
@@ -273,8 +282,7 @@ def step_loss_memory(S, device, out: Path, step: Step) -> dict:
 
 def step_overhead(S, device, out: Path, step: Step) -> dict:
     c = S["overhead"]
-    step.save(model="Llama-3.2-1B-shaped" if c["model"] is LLAMA_3_2_1B else f"toy {c['model']}",
-              **{k: v for k, v in c.items() if k != "model"})
+    step.save(model=shape_name(c["model"]), **{k: v for k, v in c.items() if k != "model"})
     tokenizer = make_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         data, cache = f"{tmp}/data.jsonl", f"{tmp}/cache"
@@ -340,6 +348,7 @@ def step_syncs(S, device, out: Path, step: Step) -> dict:
         return {"per_step": per_step, "per_micro_step_last": per_step[-1] / c["accum"], "total": sum(syncs),
                 "last_step_where": dict(sorted(where.items(), key=lambda kv: -kv[1]))}
 
+    step.run("compile", compile_sweep, c, device)  # first, in a process that has compiled nothing yet
     with tempfile.TemporaryDirectory() as tmp:
         data, cache = f"{tmp}/data.jsonl", f"{tmp}/cache"
         overhead.make_data(data, c["batch"] * c["accum"] * 4, 0, c["prompt_words"], c["response_words"])
@@ -347,7 +356,6 @@ def step_syncs(S, device, out: Path, step: Step) -> dict:
                               True)
         for mode, lora in (("sft", False), ("asft", False), ("cached", False), ("asft", True)):
             step.run(f"syncs {'lora' if lora else 'full'} {mode}", count, mode, lora, data, cache)
-    step.run("compile", compile_sweep, c, device)
     return {"status": "ok"}
 
 
@@ -387,7 +395,7 @@ def step_large(S, device, out: Path, step: Step) -> dict:
     import torch
 
     c = S["large"]
-    step.save(model="Llama-2-7B-shaped" if c["model"] is LLAMA_2_7B else f"toy {c['model']}")
+    step.save(model=shape_name(c["model"]), **{k: v for k, v in c.items() if k != "model"})
     tokenizer = make_tokenizer()
     bf16w = torch.bfloat16
     configs = [  # name, mode, lora, weight dtype, extra AnchoredSFTConfig fields
@@ -598,7 +606,7 @@ def main() -> int:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_vars, cwd=ROOT,
                                         start_new_session=True)
                 try:
-                    rc = proc.wait(timeout=max(1.0, deadline - time.time()) + 15)
+                    rc = proc.wait(timeout=max(1.0, deadline - time.time()) + 5)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, 9)
                     rc = proc.wait()
