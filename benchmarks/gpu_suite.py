@@ -73,7 +73,7 @@ def toy(vocab, hidden, layers):
 # inside a step (the next one starts only if that much is left).
 SIZES = {
     "gpu": dict(
-        est=dict(tests=90, loss_memory=150, overhead=120, syncs=45, large=60), per=20,
+        est=dict(tests=90, loss_memory=150, overhead=120, syncs=60, large=60), per=20,
         tests_k=None,
         loss_memory=dict(tokens=8192, hidden=4096, vocabs=[128256, 151936], rows=4, chunk=1024, repeats=5,
                          modes=MODES + ("cached",)),
@@ -199,14 +199,16 @@ def build_reference_cache(model, tokenizer, data: str, out: str, max_length: int
 
 
 def train_measured(model, tokenizer, mode: str, lora: bool, data: str, steps: int, warmup: int, out: str,
-                   cache: str | None, device, batch: int, max_length: int, callbacks=(), **config) -> dict:
+                   cache: str | None, device, batch: int, max_length: int, callbacks=(), sync_steps: bool = True,
+                   **config) -> dict:
     """warmup + steps optimizer steps of one trainer (overhead.make_trainer): median step time of the timed
-    steps (synchronised at each step's ends), tokens/s, and the peak memory since the model was built (CUDA)."""
+    steps (synchronised at each step's ends unless not `sync_steps`), tokens/s, and the peak memory since the model
+    was built (CUDA)."""
     import torch
     from transformers import TrainerCallback
 
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = torch.cuda.synchronize if cuda and sync_steps else (lambda: None)
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -332,7 +334,8 @@ def step_syncs(S, device, out: Path, step: Step) -> dict:
                 torch.cuda.set_sync_debug_mode("warn")
             try:
                 train_measured(model, tokenizer, mode, lora, data, 3, 0, tmp, cache, device, c["batch"],
-                               c["max_length"], callbacks=[marks], gradient_accumulation_steps=c["accum"])
+                               c["max_length"], callbacks=[marks], sync_steps=False,
+                               gradient_accumulation_steps=c["accum"])
             finally:
                 if cuda:
                     torch.cuda.set_sync_debug_mode(0)
