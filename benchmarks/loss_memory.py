@@ -30,6 +30,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -47,53 +48,163 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def worker(mode: str, vocab: int, hidden: int, tokens: int, rows: int, chunk: int, repeats: int) -> dict:
+def cached_rows(ref_head, ref_h, labels, k: int, chunk: int):
+    """The cache's rows (asft.objectives.CachedRows: top-k ids and log-probs, log tail mass, label log-prob) of the
+    reference's response tokens, as `asft cache-reference` stores them; formed chunk by chunk (setup, not timed)."""
+    import torch
+
+    from asft.objectives import CachedRows, select_response
+
+    h, y, _ = select_response(ref_h, labels)
+    parts = []
+    with torch.no_grad():
+        for s in range(0, y.numel(), chunk):
+            logp = ref_head.logits(h[s : s + chunk]).float().log_softmax(-1)
+            top = logp.topk(k, -1)
+            parts.append(
+                (
+                    top.indices,
+                    top.values,
+                    logp.scatter(-1, top.indices, float("-inf")).logsumexp(-1),
+                    logp.gather(-1, y[s : s + chunk, None]).squeeze(-1),
+                )
+            )
+    return CachedRows(*(torch.cat(p) for p in zip(*parts)))
+
+
+def liger_step(mode: str, h, ref_h, labels, weight, kl_weight: float = 0.03):
+    """Liger Kernel's fused loss where it computes ours: sft = LigerFusedLinearCrossEntropyLoss; sft_kl = CE +
+    kl_weight * KL(reference || policy) = LigerFusedLinearJSDLoss with beta 0 (its forward KL) and hard-loss weight
+    1."""
+    x, y = h[:, :-1].reshape(-1, h.shape[-1]), labels[:, 1:].reshape(-1)
+    if mode == "sft":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss()(weight, x, y)
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    rx = ref_h[:, :-1].reshape(-1, h.shape[-1])
+    return LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=kl_weight, beta=0.0)(
+        x, weight, rx, weight.detach(), y
+    )
+
+
+LIGER_MODES = ("sft", "sft_kl")
+
+
+def worker(
+    mode: str,
+    vocab: int,
+    hidden: int,
+    tokens: int,
+    rows: int,
+    chunk: int,
+    repeats: int,
+    device: str = "cpu",
+    precision: str = "float32",
+    liger: bool = False,
+    top_k: int = 64,
+) -> dict:
+    """Naive vs fused (and Liger's, `liger`) loss of `mode` ("cached": asft against a top-k cached reference).
+
+    precision "bf16" is --bf16's mixed precision: float32 lm_head weight (and its gradient), bf16 hidden states,
+    matmuls under bf16 autocast. On CUDA: extra peak from the allocator's statistics, time from CUDA events, after a
+    full-size warm-up of each path; on CPU as the module docstring says.
+    """
     import torch
 
     from asft.fused import LMHead, fused_token_loss
     from asft.objectives import needs_reference, token_loss
 
+    dev = torch.device(device)
+    cuda, bf16 = dev.type == "cuda", precision == "bf16"
+    loss_mode = "asft" if mode == "cached" else mode
     torch.manual_seed(0)
     # Filled in place: a `randn(...) * 0.02` temporary would double the weight for a moment.
-    weight = torch.empty(vocab, hidden).normal_(0, 0.02).requires_grad_()
+    weight = torch.empty(vocab, hidden, device=dev).normal_(0, 0.02).requires_grad_()
     head, ref_head = LMHead(weight), LMHead(weight.detach())
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
     def batch(rows, t):
-        h = torch.randn(rows, t + 1, hidden, requires_grad=True)
-        ref_h = (h.detach() + 0.3 * torch.randn(rows, t + 1, hidden)) if needs_reference(mode) else None
-        labels = torch.randint(0, vocab, (rows, t + 1))
+        h = torch.randn(rows, t + 1, hidden, device=dev, dtype=torch.bfloat16 if bf16 else torch.float32)
+        ref_h = (h + 0.3 * torch.randn_like(h)) if needs_reference(loss_mode) else None
+        labels = torch.randint(0, vocab, (rows, t + 1), device=dev)
         labels[:, 0] = -100
-        return h, ref_h, labels
+        with autocast:
+            cache = cached_rows(ref_head, ref_h, labels, top_k, chunk) if mode == "cached" else None
+        return h.requires_grad_(), None if mode == "cached" else ref_h, labels, cache
 
-    def step(path, h, ref_h, labels):
-        if path == "naive":
-            ref_logits = None
-            if ref_h is not None:
-                with torch.no_grad():
-                    ref_logits = ref_head.logits(ref_h)
-            loss, _ = token_loss(mode, head.logits(h), labels, ref_logits)
-        else:
-            loss, _ = fused_token_loss(mode, h, labels, head, ref_h, ref_head, chunk_size=chunk)
+    def step(path, h, ref_h, labels, cache):
+        with autocast:
+            if path == "naive":
+                ref_logits = None
+                if ref_h is not None:
+                    with torch.no_grad():
+                        ref_logits = ref_head.logits(ref_h)
+                loss, _ = token_loss(loss_mode, head.logits(h), labels, ref_logits, ref_cache=cache)
+            elif path == "fused":
+                loss, _ = fused_token_loss(
+                    loss_mode, h, labels, head, ref_h, ref_head, chunk_size=chunk, ref_cache=cache
+                )
+            else:
+                loss = liger_step(mode, h, ref_h, labels, weight)
         loss.backward()
         weight.grad = h.grad = None
 
-    per_row = tokens // rows
-    step("naive", *batch(1, min(per_row, 16)))  # loads the libraries
-    # Same chunk shapes and code path as the run: sequences packed into one chunk, or one over two chunks.
-    step("fused", *batch(min(rows, max(1, chunk // per_row)), min(per_row, chunk + 1)))
-    inputs = batch(rows, per_row)
-    result = {"naive": {"time": [], "peak": []}, "fused": {"time": [], "peak": []}}
-    for _ in range(repeats):
-        for path in ("naive", "fused"):
-            gc.collect()
+    def measure(path, inputs):
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(path, *inputs)
+            end.record()
+            torch.cuda.synchronize()
+            seconds, peak = start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated() - base
+        else:
             _reset_peak()
-            baseline = _status_kb("VmRSS")
+            base = _status_kb("VmRSS") * 1024
             start = time.perf_counter()
             step(path, *inputs)
-            result[path]["time"].append(time.perf_counter() - start)
-            result[path]["peak"].append((_status_kb("VmHWM") - baseline) * 1024 - weight.numel() * 4)
-    out = {path: {"time": min(r["time"]), "peak": max(r["peak"])} for path, r in result.items()}
-    return {**out, "load": os.getloadavg()[0]}
+            seconds, peak = time.perf_counter() - start, _status_kb("VmHWM") * 1024 - base
+        return seconds, peak - weight.numel() * weight.element_size()
+
+    paths = ["naive", "fused"] + (["liger"] if liger and mode in LIGER_MODES else [])
+    per_row = tokens // rows
+    inputs = batch(rows, per_row)
+    errors = {}
+    if cuda:  # warm-up at full size: the fused path (and Liger's) compile there, on the run's chunk shapes
+        for path in list(paths):
+            try:
+                step(path, *inputs)
+            except Exception as e:  # noqa: BLE001 - Liger's failure is a result; ours are raised
+                if path != "liger":
+                    raise
+                errors[path] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                paths.remove(path)
+                weight.grad = inputs[0].grad = None
+    else:  # smaller warm-ups: a naive step at full size costs minutes on 2 cores
+        step("naive", *batch(1, min(per_row, 16)))  # loads the libraries
+        # Same chunk shapes and code path as the run: sequences packed into one chunk, or one over two chunks.
+        step("fused", *batch(min(rows, max(1, chunk // per_row)), min(per_row, chunk + 1)))
+    result = {path: {"times": [], "peaks": []} for path in paths}
+    for _ in range(repeats):
+        for path in paths:
+            seconds, peak = measure(path, inputs)
+            result[path]["times"].append(seconds)
+            result[path]["peaks"].append(peak)
+    out = {
+        path: {
+            "time": min(r["times"]),
+            "median": statistics.median(r["times"]),
+            "peak": max(r["peaks"]),
+            "times": r["times"],
+        }
+        for path, r in result.items()
+    }
+    return {**out, **errors, "load": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -101,20 +212,31 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048, help="response tokens")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--vocabs", default="128256,151936", help="comma-separated vocabulary sizes")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES), help="of MODES, or cached (asft, a top-64 cached reference)")
     p.add_argument("--rows", type=int, default=8, help="sequences the tokens are split into")
     p.add_argument("--chunk-size", type=int, default=512, help="fused path's tokens per chunk")
     p.add_argument("--repeats", type=int, default=3, help="timed naive/fused pairs; the minimum is kept")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_suite.py runs this on a GPU)")
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bf16"],
+        help="bf16: --bf16's mixed precision (float32 weight, bf16 hidden states, autocast)",
+    )
     p.add_argument("--worker", nargs=2, metavar=("MODE", "VOCAB"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         mode, vocab = a.worker
-        print(json.dumps(worker(mode, int(vocab), a.hidden, a.tokens, a.rows, a.chunk_size, a.repeats)))
+        print(
+            json.dumps(
+                worker(mode, int(vocab), a.hidden, a.tokens, a.rows, a.chunk_size, a.repeats, a.device, a.precision)
+            )
+        )
         return
 
     compile_on = os.environ.get("ASFT_COMPILE", "1") != "0"
     print(
-        f"tokens={a.tokens} rows={a.rows} hidden={a.hidden} float32 chunk_size={a.chunk_size} "
+        f"tokens={a.tokens} rows={a.rows} hidden={a.hidden} {a.precision} {a.device} chunk_size={a.chunk_size} "
         f"repeats={a.repeats} torch.compile={'on' if compile_on else 'off'} cpus={os.cpu_count()}",
         flush=True,
     )
@@ -143,6 +265,10 @@ def main() -> None:
                 str(a.chunk_size),
                 "--repeats",
                 str(a.repeats),
+                "--device",
+                a.device,
+                "--precision",
+                a.precision,
             ]
             # Tensors of 1 MB and more straight from mmap (glibc's default threshold floats up to 32 MB), so that
             # freed memory leaves the resident set and RSS tracks live tensors at small sizes too.

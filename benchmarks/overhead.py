@@ -41,14 +41,14 @@ WORDS = (
 ).split()
 
 
-def make_data(path: str, n: int = 64, seed: int = 0) -> None:
+def make_data(path: str, n: int = 64, seed: int = 0, prompt_words: int = 55, response_words: int = 150) -> None:
     import random
 
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
-            prompt = " ".join(rng.choice(WORDS) for _ in range(55))
-            response = " ".join(rng.choice(WORDS) for _ in range(150))
+            prompt = " ".join(rng.choice(WORDS) for _ in range(prompt_words))
+            response = " ".join(rng.choice(WORDS) for _ in range(response_words))
             f.write(json.dumps({"instruction": prompt, "response": response}) + "\n")
 
 
@@ -75,7 +75,23 @@ def build_cache(data: str, out: str, top_k: int) -> None:
         sys.exit("building the reference cache failed")
 
 
-def make_trainer(mode: str, lora: bool, data: str, steps: int, impl: str, out: str, cache: str | None = None):
+def make_trainer(
+    mode: str,
+    lora: bool,
+    data: str,
+    steps: int,
+    impl: str,
+    out: str,
+    cache: str | None = None,
+    *,
+    model=None,
+    tokenizer=None,
+    batch: int = 4,
+    max_length: int = 256,
+    **config,
+):
+    """A trainer of `mode` ("cached": asft with the reference cache `cache`) on the embedded SmolLM2-135M on the CPU,
+    or on `model` / `tokenizer`; `config`: more AnchoredSFTConfig fields. Also returns the tokens of a batch."""
     import torch
 
     from asft import AnchoredSFTConfig, AnchoredSFTTrainer
@@ -83,34 +99,35 @@ def make_trainer(mode: str, lora: bool, data: str, steps: int, impl: str, out: s
     from asft.models import load_model, load_tokenizer, lora_config, resolve_model_path
 
     torch.manual_seed(0)
-    path = resolve_model_path("embedded:smollm2-135m-instruct")
-    tokenizer = load_tokenizer(path)
-    dataset = build_dataset(data, tokenizer, template="alpaca", max_length=256, log=lambda *_: None)
+    if model is None:
+        path = resolve_model_path("embedded:smollm2-135m-instruct")
+        tokenizer, model = load_tokenizer(path), load_model(path)
+    dataset = build_dataset(data, tokenizer, template="alpaca", max_length=max_length, log=lambda *_: None)
     cached = mode == "cached"  # asft against the reference cache
     args = AnchoredSFTConfig(
         output_dir=out,
         mode="asft" if cached else mode,
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=batch,
         max_steps=steps,
         learning_rate=1e-5,
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
         logging_steps=1000,
-        use_cpu=True,
         loss_implementation=impl,
         seed=0,
-        max_length=256,
+        max_length=max_length,
         reference_cache=cache if cached else None,
+        **{"use_cpu": True, **config},
     )
     trainer = AnchoredSFTTrainer(
-        load_model(path).train(),
+        model.train(),
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(8, 16, 0.0) if lora else None,
     )
-    return trainer, sum(len(x) for x in dataset[:4]["input_ids"])
+    return trainer, sum(len(x) for x in dataset[:batch]["input_ids"])
 
 
 def timed_pair(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: str, cache: str | None) -> dict:

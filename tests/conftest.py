@@ -72,6 +72,28 @@ def build_model(tokenizer, *, hidden: int = 64, layers: int = 2, seed: int = 0, 
     return LlamaForCausalLM(config).eval()
 
 
+# --device: where the tests marked cuda_too build their tensors and models (`pytest -m cuda_too --device cuda`).
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="torch device for the tests marked cuda_too (default: cpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    device = config.getoption("--device")
+    if device == "cpu":
+        return
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {device}: CUDA is not available")
+    skip = pytest.mark.skip(reason=f"not marked cuda_too: runs on the CPU only (--device {device})")
+    for item in items:
+        if "cuda_too" not in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    return torch.device(request.config.getoption("--device"))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

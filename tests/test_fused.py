@@ -19,7 +19,7 @@ def eager_kernels(monkeypatch):
     monkeypatch.setattr(fused.KERNELS, "compiled", False)
 
 
-def make_batch(seed=0, B=5, T=14, dtype=torch.float32):
+def make_batch(seed=0, B=5, T=14, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g).to(dtype)
     ref_hidden = (hidden.float() + 0.5 * torch.randn(B, T, H, generator=g)).to(dtype)
@@ -33,13 +33,14 @@ def make_batch(seed=0, B=5, T=14, dtype=torch.float32):
     ]
     for row, cut in zip(labels, masks):
         row[cut] = -100
-    return hidden, ref_hidden, labels
+    return hidden.to(device), ref_hidden.to(device), labels.to(device)
 
 
-def make_heads(variant, seed=1, dtype=torch.float32):
+def make_heads(variant, seed=1, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     w, rw = torch.randn(V, H, generator=g) * 0.4, torch.randn(V, H, generator=g) * 0.4
     b, rb = torch.randn(V, generator=g) * 0.5, torch.randn(V, generator=g) * 0.5
+    w, rw, b, rb = (t.to(device) for t in (w, rw, b, rb))
     scale, cap = (0.8, 4.0) if variant == "scale_softcap" else (1.0, None)
     with_bias = variant != "plain"
     head = LMHead(w.to(dtype).requires_grad_(), b.to(dtype).requires_grad_() if with_bias else None, scale, cap)
@@ -80,12 +81,13 @@ CASES = [
 ]
 
 
+@pytest.mark.cuda_too
 @pytest.mark.parametrize("variant", ["plain", "bias", "scale_softcap"])
 @pytest.mark.parametrize("n_items", [None, 37])
 @pytest.mark.parametrize("mode,direction,iw_level", CASES)
-def test_matches_naive_float32(mode, direction, iw_level, n_items, variant):
-    hidden, ref_hidden, labels = make_batch()
-    head, ref_head = make_heads(variant)
+def test_matches_naive_float32(mode, direction, iw_level, n_items, variant, device):
+    hidden, ref_hidden, labels = make_batch(device=device)
+    head, ref_head = make_heads(variant, device=device)
     kw = dict(kl_weight=0.3, kl_direction=direction, iw_max=1.7, iw_level=iw_level, num_items_in_batch=n_items)
     loss, terms, grads = run("naive", mode, hidden, ref_hidden, labels, head, ref_head, **kw)
     # chunk 5 divides neither the 31 response tokens nor row 2's 11; 64 holds every sequence whole.
@@ -101,10 +103,11 @@ def test_matches_naive_float32(mode, direction, iw_level, n_items, variant):
                 assert_close(f_g, g, 1e-5)
 
 
-def test_token_order_within_rows_does_not_matter():
+@pytest.mark.cuda_too
+def test_token_order_within_rows_does_not_matter(device):
     # iw-SFT needs each sequence whole before its weight; with a row's tokens scattered it must still be exact.
-    hidden, ref_hidden, labels = make_batch()
-    head, ref_head = make_heads("bias")
+    hidden, ref_hidden, labels = make_batch(device=device)
+    head, ref_head = make_heads("bias", device=device)
     h, y = hidden[:, :-1][labels[:, 1:] != -100], labels[:, 1:][labels[:, 1:] != -100]
     rows = (labels[:, 1:] != -100).nonzero()[:, 0]
     r = ref_hidden[:, :-1][labels[:, 1:] != -100]
@@ -119,10 +122,11 @@ def test_token_order_within_rows_does_not_matter():
     assert t2 == pytest.approx(t1, rel=1e-5)
 
 
-def test_lora_reference_shares_the_frozen_weight():
+@pytest.mark.cuda_too
+def test_lora_reference_shares_the_frozen_weight(device):
     # Under LoRA the lm_head is frozen and the reference is the same weight: no weight gradient is computed at all.
-    hidden, ref_hidden, labels = make_batch()
-    head, _ = make_heads("plain")
+    hidden, ref_hidden, labels = make_batch(device=device)
+    head, _ = make_heads("plain", device=device)
     frozen = LMHead(head.weight.detach())
     loss, terms, grads = run("naive", "asft", hidden, ref_hidden, labels, frozen, frozen)
     f_loss, f_terms, f_grads = run("fused", "asft", hidden, ref_hidden, labels, frozen, None)  # ref_head = head
@@ -131,18 +135,20 @@ def test_lora_reference_shares_the_frozen_weight():
     assert f_grads[1] is None and f_terms == pytest.approx(terms, rel=1e-5)
 
 
-def test_no_response_tokens_gives_a_connected_zero():
-    hidden, ref_hidden, labels = make_batch()
-    head, ref_head = make_heads("bias")
+@pytest.mark.cuda_too
+def test_no_response_tokens_gives_a_connected_zero(device):
+    hidden, ref_hidden, labels = make_batch(device=device)
+    head, ref_head = make_heads("bias", device=device)
     labels[:] = -100
     loss, terms, (gh, gw, gb) = run("fused", "asft", hidden, ref_hidden, labels, head, ref_head)
     assert float(loss) == 0.0 and terms == {"num_tokens": 0.0}
     assert not gh.any() and not gw.any() and not gb.any()
 
 
-def test_gradient_scales_with_grad_output():
-    hidden, ref_hidden, labels = make_batch()
-    head, ref_head = make_heads("bias")
+@pytest.mark.cuda_too
+def test_gradient_scales_with_grad_output(device):
+    hidden, ref_hidden, labels = make_batch(device=device)
+    head, ref_head = make_heads("bias", device=device)
     h = hidden.clone().requires_grad_()
     loss, _ = fused_token_loss("asft", h, labels, head, ref_hidden, ref_head, chunk_size=5)
     (loss * 3).backward()  # DDP's loss * world_size, GradScaler, ...
@@ -151,9 +157,10 @@ def test_gradient_scales_with_grad_output():
     assert_close(head.weight.grad, 3 * grads[1], 1e-5)
 
 
-def test_bfloat16_close_to_float32_naive():
-    hidden, ref_hidden, labels = make_batch(dtype=torch.bfloat16)
-    head, ref_head = make_heads("bias", dtype=torch.bfloat16)
+@pytest.mark.cuda_too
+def test_bfloat16_close_to_float32_naive(device):
+    hidden, ref_hidden, labels = make_batch(dtype=torch.bfloat16, device=device)
+    head, ref_head = make_heads("bias", dtype=torch.bfloat16, device=device)
     # Tolerance: the float32 reference sees the very same (bf16-valued) inputs, so the differences are the fused
     # path's roundings to bf16. Each logit leaves the bf16 matmul with a relative error up to 2^-8; logits reach
     # |z| ~ 9 here, so up to ~0.035 absolute, which moves a probability (and so an entry of the softmax-weighted
@@ -176,12 +183,13 @@ def test_bfloat16_close_to_float32_naive():
         )
 
 
-def test_autocast_float32_master_weights():
+@pytest.mark.cuda_too
+def test_autocast_float32_master_weights(device):
     # --bf16 is autocast over float32 weights: the matmuls run in bf16, the weight gradient comes back in float32.
-    hidden, ref_hidden, labels = make_batch()
-    head, ref_head = make_heads("bias")
+    hidden, ref_hidden, labels = make_batch(device=device)
+    head, ref_head = make_heads("bias", device=device)
     loss, _, grads = run("naive", "asft", hidden, ref_hidden, labels, head, ref_head)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         f_loss, _, f_grads = run("fused", "asft", hidden, ref_hidden, labels, head, ref_head)
     assert f_grads[0].dtype == f_grads[1].dtype == torch.float32
     assert_close(f_loss, loss, 3e-2)
@@ -206,10 +214,11 @@ class VocabProbe(TorchDispatchMode):
         return out
 
 
+@pytest.mark.cuda_too
 @pytest.mark.parametrize("mode", MODES)
-def test_no_tokens_by_vocab_tensor_and_only_response_rows_reach_the_head(mode):
-    hidden, ref_hidden, labels = make_batch(B=3, T=30)  # 40+ response tokens > H = 24 > chunk 4
-    head, ref_head = make_heads("bias")
+def test_no_tokens_by_vocab_tensor_and_only_response_rows_reach_the_head(mode, device):
+    hidden, ref_hidden, labels = make_batch(B=3, T=30, device=device)  # 40+ response tokens > H = 24 > chunk 4
+    head, ref_head = make_heads("bias", device=device)
     n = int((labels[:, 1:] != -100).sum())
     with VocabProbe() as probe:
         run("fused", mode, hidden, ref_hidden, labels, head, ref_head, chunk_size=4)
@@ -251,13 +260,14 @@ def test_bad_arguments():
         fused_token_loss("sft", hidden, labels, head, chunk_size=0)
 
 
+@pytest.mark.cuda_too
 @pytest.mark.parametrize("tie", [False, True])
-def test_tiny_llama_end_to_end(tokenizer, tie):
+def test_tiny_llama_end_to_end(tokenizer, tie, device):
     from conftest import build_model
 
-    policy, reference = build_model(tokenizer, tie=tie), build_model(tokenizer, tie=tie, seed=1)
+    policy, reference = build_model(tokenizer, tie=tie).to(device), build_model(tokenizer, tie=tie, seed=1).to(device)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, len(tokenizer), (3, 20), generator=g)
+    ids = torch.randint(0, len(tokenizer), (3, 20), generator=g).to(device)
     labels = ids.clone()
     labels[0, :8], labels[1, :15], labels[2, 5:9] = -100, -100, -100
     kw = dict(kl_weight=0.05, num_items_in_batch=50)

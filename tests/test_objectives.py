@@ -46,7 +46,7 @@ def reference_loss(mode, logits, labels, ref_logits, kl_weight, direction, iw_ma
     return total / n_items
 
 
-def make_batch(seed=0, B=3, T=9, V=37):
+def make_batch(seed=0, B=3, T=9, V=37, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, T, V, generator=g) * 2
     ref = logits + torch.randn(B, T, V, generator=g)
@@ -54,7 +54,7 @@ def make_batch(seed=0, B=3, T=9, V=37):
     labels[0, :4] = -100  # prompt
     labels[1, :7] = -100  # short response
     labels[2, 2:5] = -100  # a hole in the middle
-    return logits, ref, labels
+    return logits.to(device), ref.to(device), labels.to(device)
 
 
 CASES = [(m, "forward", "sequence") for m in MODES] + [
@@ -64,9 +64,10 @@ CASES = [(m, "forward", "sequence") for m in MODES] + [
 ]
 
 
+@pytest.mark.cuda_too
 @pytest.mark.parametrize("mode,direction,iw_level", CASES)
-def test_loss_and_gradient_match_plain_implementation(mode, direction, iw_level):
-    logits, ref, labels = make_batch()
+def test_loss_and_gradient_match_plain_implementation(mode, direction, iw_level, device):
+    logits, ref, labels = make_batch(device=device)
     n_items = 17  # as if other micro-batches of the step held more tokens
     ours = logits.clone().requires_grad_()
     theirs = logits.clone().double().requires_grad_()
@@ -90,8 +91,9 @@ def test_loss_and_gradient_match_plain_implementation(mode, direction, iw_level)
     assert terms["num_tokens"] == int((labels[:, 1:] != -100).sum())
 
 
-def test_logged_terms():
-    logits, ref, labels = make_batch(1)
+@pytest.mark.cuda_too
+def test_logged_terms(device):
+    logits, ref, labels = make_batch(1, device=device)
     loss, terms = token_loss("asft", logits, labels, ref, kl_weight=0.0)
     mask = labels[:, 1:] != -100
     lp = torch.log_softmax(logits[:, :-1].double(), -1)[mask]
@@ -106,25 +108,28 @@ def test_logged_terms():
     assert terms["kl"] > 0
 
 
-def test_kl_is_zero_when_policy_equals_reference():
-    logits, _, labels = make_batch(2)
+@pytest.mark.cuda_too
+def test_kl_is_zero_when_policy_equals_reference(device):
+    logits, _, labels = make_batch(2, device=device)
     loss_asft, terms = token_loss("asft", logits, labels, logits.clone(), kl_weight=1.0)
     loss_dft, _ = token_loss("dft", logits, labels)
     assert terms["kl"] == pytest.approx(0.0, abs=1e-6)
     torch.testing.assert_close(loss_asft, loss_dft)
 
 
-def test_bf16_logits_are_computed_in_float32():
-    logits, ref, labels = make_batch(3)
+@pytest.mark.cuda_too
+def test_bf16_logits_are_computed_in_float32(device):
+    logits, ref, labels = make_batch(3, device=device)
     l16, _ = token_loss("asft", logits.bfloat16(), labels, ref.bfloat16())
     l32, _ = token_loss("asft", logits.bfloat16().float(), labels, ref.bfloat16().float())
     assert l16.dtype == torch.float32
     torch.testing.assert_close(l16, l32)
 
 
-def test_no_response_tokens_gives_a_connected_zero():
-    logits = torch.randn(2, 5, 11, requires_grad=True)
-    labels = torch.full((2, 5), -100)
+@pytest.mark.cuda_too
+def test_no_response_tokens_gives_a_connected_zero(device):
+    logits = torch.randn(2, 5, 11, requires_grad=True, device=device)
+    labels = torch.full((2, 5), -100, device=device)
     loss, terms = token_loss("asft", logits, labels, logits.detach())
     loss.backward()
     assert float(loss) == 0.0 and terms["num_tokens"] == 0
