@@ -60,29 +60,23 @@ BARS = {
     "syncs_per_micro_step": 0,
 }
 
+
 # Model shapes (transformers LlamaConfig fields); random weights.
-LLAMA_3_2_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    tie_word_embeddings=True,
-    rope_theta=500000.0,
-    max_position_embeddings=4096,
-)
-LLAMA_2_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    tie_word_embeddings=False,
-    max_position_embeddings=4096,
-)
+def llama(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, **extra) -> dict:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        **extra,
+    )
+
+
+LLAMA_3_2_1B = llama(128256, 2048, 8192, 16, 32, 8, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0)
+LLAMA_2_7B = llama(32000, 4096, 11008, 32, 32, 32, tie_word_embeddings=False)
 
 
 def shape_name(shape: dict) -> str:
@@ -95,17 +89,16 @@ def shape_name(shape: dict) -> str:
 
 
 def toy(vocab, hidden, layers):
-    return dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        max_position_embeddings=4096,
-    )
+    return llama(vocab, hidden, 2 * hidden, layers, 4, 2, tie_word_embeddings=False)
 
+
+def shape(batch: int, prompt_words: int, response_words: int, max_length: int, **rest) -> dict:
+    """A run's data shape (examples per step, words per prompt and response, token cap) and its other settings."""
+    return dict(batch=batch, prompt_words=prompt_words, response_words=response_words, max_length=max_length, **rest)
+
+
+ALL_MODES = MODES + ("cached",)
+GPU_LENGTHS = [500, 1024, 1500, 2048, 3000, 4100]  # response tokens the compile sweep varies over
 
 # est: seconds a step is expected to take (it starts only if that much is left); per: seconds per configuration
 # inside a step (the next one starts only if that much is left).
@@ -115,91 +108,35 @@ SIZES = {
         per=20,
         tests_k=None,
         loss_memory=dict(
-            tokens=8192, hidden=4096, vocabs=[128256, 151936], rows=4, chunk=1024, repeats=5, modes=MODES + ("cached",)
+            tokens=8192, hidden=4096, vocabs=[128256, 151936], rows=4, chunk=1024, repeats=5, modes=ALL_MODES
         ),
-        overhead=dict(
-            model=LLAMA_3_2_1B,
-            batch=8,
-            prompt_words=100,
-            response_words=400,
-            max_length=1024,
-            warmup=3,
-            steps=10,
-            modes=MODES + ("cached",),
-            lora=(False, True),
+        overhead=shape(8, 100, 400, 1024, model=LLAMA_3_2_1B, warmup=3, steps=10, modes=ALL_MODES, lora=(False, True)),
+        syncs=shape(
+            4, 50, 200, 512, model=toy(128256, 512, 4), accum=2, hidden=2048, vocab=128256, lengths=GPU_LENGTHS
         ),
-        syncs=dict(
-            model=toy(128256, 512, 4),
-            batch=4,
-            accum=2,
-            prompt_words=50,
-            response_words=200,
-            max_length=512,
-            hidden=2048,
-            vocab=128256,
-            lengths=[500, 1024, 1500, 2048, 3000, 4100],
-        ),
-        large=dict(model=LLAMA_2_7B, prompt_words=400, response_words=1700, max_length=2048, warmup=1, steps=3),
+        large=shape(1, 400, 1700, 2048, model=LLAMA_2_7B, warmup=1, steps=3),
     ),
     "dry": dict(
         est=dict(tests=60, loss_memory=60, overhead=60, syncs=60, large=30),
         per=1,
         tests_k=None,
-        loss_memory=dict(
-            tokens=512, hidden=64, vocabs=[8192, 12000], rows=4, chunk=512, repeats=2, modes=MODES + ("cached",)
+        loss_memory=dict(tokens=512, hidden=64, vocabs=[8192, 12000], rows=4, chunk=512, repeats=2, modes=ALL_MODES),
+        overhead=shape(4, 20, 40, 128, model=toy(1000, 64, 2), warmup=1, steps=2, modes=ALL_MODES, lora=(False, True)),
+        syncs=shape(
+            2, 20, 40, 128, model=toy(1000, 64, 2), accum=2, hidden=64, vocab=8192, lengths=[600, 1024, 1100, 1600]
         ),
-        overhead=dict(
-            model=toy(1000, 64, 2),
-            batch=4,
-            prompt_words=20,
-            response_words=40,
-            max_length=128,
-            warmup=1,
-            steps=2,
-            modes=MODES + ("cached",),
-            lora=(False, True),
-        ),
-        syncs=dict(
-            model=toy(1000, 64, 2),
-            batch=2,
-            accum=2,
-            prompt_words=20,
-            response_words=40,
-            max_length=128,
-            hidden=64,
-            vocab=8192,
-            lengths=[600, 1024, 1100, 1600],
-        ),
-        large=dict(model=toy(2000, 128, 2), prompt_words=100, response_words=300, max_length=256, warmup=1, steps=1),
+        large=shape(1, 100, 300, 256, model=toy(2000, 128, 2), warmup=1, steps=1),
     ),
     "tiny": dict(
         est=dict(tests=5, loss_memory=5, overhead=5, syncs=5, large=5),
         per=0,
         tests_k="test_kl_is_zero_when_policy_equals_reference",
         loss_memory=dict(tokens=64, hidden=32, vocabs=[500], rows=2, chunk=32, repeats=1, modes=("sft", "cached")),
-        overhead=dict(
-            model=toy(500, 32, 1),
-            batch=2,
-            prompt_words=5,
-            response_words=10,
-            max_length=64,
-            warmup=1,
-            steps=1,
-            modes=("sft", "cached"),
-            lora=(False, True),
+        overhead=shape(
+            2, 5, 10, 64, model=toy(500, 32, 1), warmup=1, steps=1, modes=("sft", "cached"), lora=(False, True)
         ),
-        syncs=dict(
-            model=toy(500, 32, 1),
-            batch=2,
-            accum=2,
-            prompt_words=5,
-            response_words=10,
-            max_length=64,
-            hidden=32,
-            vocab=500,
-            lengths=[40, 70],
-        ),
-        large=dict(model=toy(500, 32, 1), prompt_words=5, response_words=40, max_length=48, warmup=1, steps=1),
+        syncs=shape(2, 5, 10, 64, model=toy(500, 32, 1), accum=2, hidden=32, vocab=500, lengths=[40, 70]),
+        large=shape(1, 5, 40, 48, model=toy(500, 32, 1), warmup=1, steps=1),
     ),
 }
 
@@ -314,18 +251,16 @@ def train_measured(
     mode: str,
     lora: bool,
     data: str,
-    steps: int,
-    warmup: int,
+    c: dict,
     out: str,
     cache: str | None,
     device,
-    batch: int,
-    max_length: int,
     callbacks=(),
     sync_steps: bool = True,
     **config,
 ) -> dict:
-    """warmup + steps optimizer steps of one trainer (overhead.make_trainer): median step time of the timed
+    """c["warmup"] + c["steps"] optimizer steps of one trainer (overhead.make_trainer) on batches of c["batch"]
+    examples cut to c["max_length"] tokens: median step time of the timed
     steps (synchronised at each step's ends unless not `sync_steps`), tokens/s, and the peak memory since the model
     was built (CUDA)."""
     import torch
@@ -333,6 +268,7 @@ def train_measured(
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda and sync_steps else (lambda: None)
+    steps, warmup, batch, max_length = c["steps"], c["warmup"], c["batch"], c["max_length"]
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -476,20 +412,7 @@ def step_overhead(S, device, out: Path, step: Step) -> dict:
                 def run(mode=mode, lora=lora):
                     fresh_peak(device)
                     model = build_model(c["model"], tokenizer, device)
-                    return train_measured(
-                        model,
-                        tokenizer,
-                        mode,
-                        lora,
-                        data,
-                        c["steps"],
-                        c["warmup"],
-                        f"{tmp}/run",
-                        cache,
-                        device,
-                        c["batch"],
-                        c["max_length"],
-                    )
+                    return train_measured(model, tokenizer, mode, lora, data, c, f"{tmp}/run", cache, device)
 
                 step.run(f"{'lora' if lora else 'full'} {mode}", run)
     return {"status": "ok"}
@@ -530,13 +453,10 @@ def step_syncs(S, device, out: Path, step: Step) -> dict:
                     mode,
                     lora,
                     data,
-                    3,
-                    0,
+                    dict(c, steps=3, warmup=0),
                     tmp,
                     cache,
                     device,
-                    c["batch"],
-                    c["max_length"],
                     callbacks=[marks],
                     sync_steps=False,
                     gradient_accumulation_steps=c["accum"],
@@ -647,13 +567,10 @@ def step_large(S, device, out: Path, step: Step) -> dict:
                     mode,
                     lora,
                     data,
-                    c["steps"],
-                    c["warmup"],
+                    dict(c, batch=1),
                     f"{tmp}/run",
                     cache,
                     device,
-                    1,
-                    c["max_length"],
                     gradient_checkpointing=True,
                 )
                 r["fits_80gb"] = None if r["reserved_gb"] is None else r["reserved_gb"] <= 80

@@ -113,6 +113,27 @@ def tiny_model(tokenizer):
     return build_model(tokenizer)
 
 
+# A trainer test's quiet CPU run: nothing reported, no checkpoints, no progress bar; the fused loss in chunks of 5.
+QUIET = dict(report_to="none", save_strategy="no", disable_tqdm=True, fused_chunk_size=5, seed=0)
+# One plain-SGD step at lr 1 without clipping: the update is exactly minus the gradient.
+SGD_STEP = dict(max_steps=1, learning_rate=1.0, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant")
+# A short AdamW run that moves the weights a lot, one logged record per step.
+ADAMW_RUN = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=3e-2, logging_steps=1)
+
+
+def tiny_trainer(tokenizer, out, data, mode, implementation="fused", *, peft=False, model=None, **settings):
+    """An AnchoredSFTTrainer of `mode` over `data` (the tiny model of seed 1 unless given; a rank-4 LoRA with
+    `peft`), its config the QUIET defaults on the CPU, overridden by `settings`."""
+    from asft import AnchoredSFTConfig, AnchoredSFTTrainer
+    from asft.models import lora_config
+
+    settings = {**QUIET, "use_cpu": True, "mode": mode, "loss_implementation": implementation, **settings}
+    model = build_model(tokenizer, seed=1) if model is None else model
+    peft_config = lora_config(4, 8, 0.0) if peft else None
+    args = AnchoredSFTConfig(output_dir=str(out), **settings)
+    return AnchoredSFTTrainer(model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
+
+
 def cli_args(command: str, *positional, **flags) -> list[str]:
     """An `asft COMMAND` argv: each keyword becomes `--name value` (True: the bare flag `--name`), in order."""
     argv = [command, *map(str, positional)]

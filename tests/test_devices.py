@@ -5,8 +5,7 @@ import datasets
 import pytest
 import torch
 
-from asft import AnchoredSFTConfig, AnchoredSFTTrainer
-from conftest import build_model
+from conftest import SGD_STEP, build_model, tiny_trainer
 
 
 def sgd_step(tokenizer, out, device, mode, implementation, bf16):
@@ -16,31 +15,12 @@ def sgd_step(tokenizer, out, device, mode, implementation, bf16):
     for i in range(4):
         ids = torch.randint(5, len(tokenizer) - 5, (12 + 3 * i,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * (4 + i) + ids[4 + i :]})
-    args = AnchoredSFTConfig(
-        output_dir=str(out),
-        mode=mode,
-        kl_weight=0.5,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        loss_implementation=implementation,
-        fused_chunk_size=5,
-        seed=0,
-        shuffle_dataset=False,
-        disable_tqdm=True,
-        bf16=bf16,
-        use_cpu=device.type == "cpu",
-    )
     model = build_model(tokenizer, seed=1)
     start = torch.cat([p.detach().flatten() for p in model.parameters()])
-    trainer = AnchoredSFTTrainer(
-        model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
+    data, split = datasets.Dataset.from_list(rows), dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    on = dict(bf16=bf16, use_cpu=device.type == "cpu", shuffle_dataset=False)
+    trainer = tiny_trainer(
+        tokenizer, out, data, mode, implementation, model=model, kl_weight=0.5, **split, **on, **SGD_STEP
     )
     trainer.train()
     assert next(trainer.model.parameters()).device.type == device.type

@@ -14,7 +14,7 @@ from asft.evaluation import code as code_task
 from asft.evaluation import sandbox as sandbox_mod
 from asft.evaluation.code import extract_code, load, pass_at_k, pass_at_ks, postprocess, truncate
 from asft.evaluation.sandbox import Limits, Sandbox
-from conftest import build_tokenizer
+from conftest import build_tokenizer, cli_args
 from test_eval_medical import save_forced, write_jsonl
 
 TIMEOUT = 1.0
@@ -23,6 +23,12 @@ TIMEOUT = 1.0
 @pytest.fixture(scope="module")
 def sandbox():
     return Sandbox(Limits(timeout=TIMEOUT, memory_mb=512))
+
+
+def code_eval_args(model, data, out, max_new_tokens: int) -> list[str]:
+    """`asft eval --task code` argv for a tiny model: no template, quiet, the test's sandbox timeout."""
+    flags = dict(model=model, task="code", data=data, output_dir=out, quiet=True, template="none")
+    return cli_args("eval", **flags, max_new_tokens=max_new_tokens, code_timeout=TIMEOUT)[1:]
 
 
 def needs_isolation(sb):
@@ -409,23 +415,7 @@ def test_forced_model_end_to_end(returns_7, tmp_path):
     ]
     data = write_jsonl(tmp_path / "seven.jsonl", rows)
     out = tmp_path / "out"
-    args = [
-        "--model",
-        str(returns_7),
-        "--task",
-        "code",
-        "--data",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--quiet",
-        "--template",
-        "none",
-        "--max_new_tokens",
-        "12",
-        "--code_timeout",
-        str(TIMEOUT),
-    ]
+    args = code_eval_args(returns_7, data, out, 12)
     assert main(args) == 0
     report = json.loads((out / "results.json").read_text())
     assert report["datasets"]["seven"]["value"] == 0.5 and report["sandbox"]["child_process"]
@@ -477,28 +467,7 @@ def test_generation_stops_at_the_stop_sequence(tmp_path):
         ],
     )
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "--model",
-                str(model),
-                "--task",
-                "code",
-                "--data",
-                str(data),
-                "--output_dir",
-                str(out),
-                "--quiet",
-                "--template",
-                "none",
-                "--max_new_tokens",
-                "60",
-                "--code_timeout",
-                str(TIMEOUT),
-            ]
-        )
-        == 0
-    )
+    assert main(code_eval_args(model, data, out, 60)) == 0
     raw = json.loads((out / "generations.jsonl").read_text())["output"]["completion"]
     assert raw.count("return") == 1 and raw.startswith("\treturn 7\nif")
     row = json.loads((out / "predictions.jsonl").read_text())

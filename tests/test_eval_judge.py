@@ -13,7 +13,7 @@ from asft.cli.eval import main
 from asft.evaluation.judge import bootstrap_ci, judge_pairs, parse_verdict
 from asft.evaluation.judge_http import JudgeClient, JudgeFatal
 from asft.evaluation.store import JsonlLog
-from conftest import build_tokenizer
+from conftest import build_tokenizer, cli_args
 from test_eval_medical import save_forced
 
 KEY = "sk-test-SECRET-7f3a9"
@@ -165,6 +165,11 @@ def answers_7(tmp_path_factory):
     return save_forced(tmp_path_factory.mktemp("answers-7") / "my-model", seven, {seven: tok.eos_token_id})
 
 
+def judge_args(model, data, out, **flags) -> list[str]:
+    """`asft eval --task judge` argv: 4 answer tokens, then `flags`."""
+    return cli_args("eval", model=model, task="judge", data=data, output_dir=out, max_new_tokens=4, **flags)[1:]
+
+
 def test_cli_end_to_end(server, answers_7, tmp_path, monkeypatch, capsys):
     rows = [
         {"instruction": "say hi", "output": "BAD reference", "generator": "gpt4", "dataset": "helpful_base"},
@@ -176,30 +181,9 @@ def test_cli_end_to_end(server, answers_7, tmp_path, monkeypatch, capsys):
     data.write_text(json.dumps(rows))
     monkeypatch.setenv("MY_JUDGE_KEY", KEY)
     out = tmp_path / "out"
-    args = [
-        "--model",
-        str(answers_7),
-        "--task",
-        "judge",
-        "--data",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--max_new_tokens",
-        "4",
-        "--judge_base_url",
-        url(server),
-        "--judge_model",
-        "judge-1",
-        "--judge_api_key_env",
-        "MY_JUDGE_KEY",
-        "--judge_max_retries",
-        "2",
-        "--judge_retry_delay",
-        "0.001",
-        "--bootstrap_samples",
-        "200",
-    ]
+    args = judge_args(answers_7, data, out, judge_base_url=url(server), judge_model="judge-1")
+    args += cli_args("eval", judge_api_key_env="MY_JUDGE_KEY", judge_max_retries=2, judge_retry_delay=0.001)[1:]
+    args += ["--bootstrap_samples", "200"]
     assert main(args) == 0
     r = json.loads((out / "results.json").read_text())["datasets"]["alpaca_eval"]
     assert (r["metric"], r["n"], r["n_failed"]) == ("win_rate", 3, 1)
@@ -239,19 +223,7 @@ def test_without_judge_then_refused_judge(server, answers_7, tmp_path, monkeypat
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"instruction": "DENY me", "output": "r"}) + "\n")
     out = tmp_path / "o"
-    base = [
-        "--model",
-        str(answers_7),
-        "--task",
-        "judge",
-        "--data",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--max_new_tokens",
-        "4",
-        "--quiet",
-    ]
+    base = judge_args(answers_7, data, out, quiet=True)
     assert main(base) == 0  # answers only
     r = json.loads((out / "results.json").read_text())["datasets"]["d"]
     assert r["value"] is None and r["judged"] is False and "| d | win_rate | - | 0 |" in capsys.readouterr().out

@@ -5,37 +5,16 @@ import json
 import pytest
 import torch
 
-from asft import AnchoredSFTConfig, AnchoredSFTTrainer
-from asft.models import lora_config
-from conftest import build_model
+from asft import AnchoredSFTConfig
+from conftest import ADAMW_RUN, tiny_trainer
 from test_trainer import uneven_dataset
 
 
 def short_run(tokenizer, out, mode, monitor, implementation="fused", peft=False):
     """Weights and per-step logged records of a 4-step AdamW run that moves the weights a lot."""
-    args = AnchoredSFTConfig(
-        output_dir=str(out),
-        mode=mode,
-        monitor_kl=monitor,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=4,
-        learning_rate=3e-2,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        loss_implementation=implementation,
-        fused_chunk_size=5,
-        seed=0,
-        disable_tqdm=True,
-        use_cpu=True,
-    )
-    trainer = AnchoredSFTTrainer(
-        build_model(tokenizer, seed=1),
-        args=args,
-        train_dataset=uneven_dataset(tokenizer),
-        processing_class=tokenizer,
-        peft_config=lora_config(4, 8, 0.0) if peft else None,
+    data = uneven_dataset(tokenizer)
+    trainer = tiny_trainer(
+        tokenizer, out, data, mode, implementation, peft=peft, monitor_kl=monitor, max_steps=4, **ADAMW_RUN
     )
     trainer.train()
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}

@@ -7,7 +7,7 @@ import torch
 from asft import AnchoredSFTConfig, AnchoredSFTTrainer
 from asft.models import lora_config
 from asft.training.reference import AdapterDisabledReference
-from conftest import build_model
+from conftest import ADAMW_RUN, SGD_STEP, build_model, tiny_trainer
 
 
 def uneven_dataset(tokenizer, n=8, seed=0):
@@ -23,35 +23,10 @@ def uneven_dataset(tokenizer, n=8, seed=0):
 
 def one_sgd_step(tokenizer, tmp_path, mode, batch, accum, implementation, peft=False):
     """Weights after one plain-SGD step (lr 1, no clipping), so the update is exactly minus the gradient."""
-    model = build_model(tokenizer, seed=1)
-    args = AnchoredSFTConfig(
-        output_dir=str(tmp_path / f"{mode}-{batch}-{accum}-{implementation}"),
-        mode=mode,
-        kl_weight=0.5,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accum,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        loss_implementation=implementation,
-        fused_chunk_size=5,
-        seed=0,
-        shuffle_dataset=False,
-        dataloader_drop_last=False,
-        disable_tqdm=True,
-        use_cpu=True,
-    )
-    trainer = AnchoredSFTTrainer(
-        model,
-        args=args,
-        train_dataset=uneven_dataset(tokenizer),
-        processing_class=tokenizer,
-        peft_config=lora_config(4, 8, 0.0) if peft else None,
-    )
+    out = tmp_path / f"{mode}-{batch}-{accum}-{implementation}"
+    split = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=accum, dataloader_drop_last=False)
+    data, split["shuffle_dataset"] = uneven_dataset(tokenizer), False
+    trainer = tiny_trainer(tokenizer, out, data, mode, implementation, peft=peft, kl_weight=0.5, **split, **SGD_STEP)
     # Same order whatever the batch size: the sampler is sequential.
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
     trainer.train()
@@ -82,29 +57,9 @@ def loss_curve(tokenizer, tmp_path, mode, implementation, peft=False):
     import json
 
     out = tmp_path / f"curve-{mode}-{implementation}-{peft}"
-    args = AnchoredSFTConfig(
-        output_dir=str(out),
-        mode=mode,
-        kl_weight=0.5,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=5,
-        learning_rate=3e-2,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        loss_implementation=implementation,
-        fused_chunk_size=5,
-        seed=0,
-        disable_tqdm=True,
-        use_cpu=True,
-    )
-    trainer = AnchoredSFTTrainer(
-        build_model(tokenizer, seed=1),
-        args=args,
-        train_dataset=uneven_dataset(tokenizer),
-        processing_class=tokenizer,
-        peft_config=lora_config(4, 8, 0.0) if peft else None,
+    data = uneven_dataset(tokenizer)
+    trainer = tiny_trainer(
+        tokenizer, out, data, mode, implementation, peft=peft, kl_weight=0.5, max_steps=5, **ADAMW_RUN
     )
     trainer.train()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
