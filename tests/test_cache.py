@@ -23,7 +23,7 @@ def eager_kernels(monkeypatch):
     monkeypatch.setattr(fused.KERNELS, "compiled", False)
 
 
-def batch(seed=0, n=23):
+def batch(seed=0, n=23, device="cpu"):
     """Selected response rows: hidden [n, H], targets, batch rows (3 sequences), a policy head and a reference."""
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, H, generator=g)
@@ -32,21 +32,21 @@ def batch(seed=0, n=23):
     w = (torch.randn(V, H, generator=g) * 0.4).requires_grad_()
     b = (torch.randn(V, generator=g) * 0.5).requires_grad_()
     ref_logits = h @ (torch.randn(V, H, generator=g) * 0.4).t() + torch.randn(V, generator=g)
-    return h, y, rows, LMHead(w, b), ref_logits
+    return h.to(device), y.to(device), rows.to(device), LMHead(w.to(device), b.to(device)), ref_logits.to(device)
 
 
 def to_batch(x, rows):
     """[n, ...] selected rows (sorted by row) -> [B, T, ...]: select_response gives them back with labels_for."""
     counts = torch.bincount(rows)
-    pos = torch.cat([torch.arange(c) for c in counts.tolist()])
-    out = torch.zeros(len(counts), int(counts.max()) + 1, *x.shape[1:], dtype=x.dtype)
+    pos = torch.cat([torch.arange(c) for c in counts.tolist()]).to(x.device)
+    out = torch.zeros(len(counts), int(counts.max()) + 1, *x.shape[1:], dtype=x.dtype, device=x.device)
     out[rows, pos] = x
     return out, pos
 
 
 def labels_for(y, rows):
     out, pos = to_batch(y, rows)
-    labels = torch.full(out.shape, -100)
+    labels = torch.full(out.shape, -100, device=y.device)
     labels[rows, pos + 1] = y
     return labels
 
@@ -64,7 +64,15 @@ def loss_of(path, mode, h, y, rows, head, ref_logits=None, cached=None, **kw):
         loss, terms = fused_loss_selected(mode, h, y, rows, LMHead(w, b), ref_cache=cached, chunk_size=5, **kw)
     else:  # an online reference whose lm_head gives exactly ref_logits: identity hidden rows, the logits as weight
         loss, terms = fused_loss_selected(
-            mode, h, y, rows, LMHead(w, b), torch.eye(len(y)), LMHead(ref_logits.t().contiguous()), chunk_size=5, **kw
+            mode,
+            h,
+            y,
+            rows,
+            LMHead(w, b),
+            torch.eye(len(y), device=h.device),
+            LMHead(ref_logits.t().contiguous()),
+            chunk_size=5,
+            **kw,
         )
     loss.backward()
     return loss.detach(), terms, [h.grad, w.grad, b.grad]
@@ -83,10 +91,11 @@ CASES = [
 ] + [("sft", "forward", "sequence"), ("dft", "forward", "sequence")]
 
 
+@pytest.mark.cuda_too
 @pytest.mark.parametrize("path", ["naive", "fused"])
 @pytest.mark.parametrize("mode,direction,level", CASES)
-def test_cache_with_k_equal_vocabulary_is_the_online_reference(path, mode, direction, level):
-    h, y, rows, head, ref_logits = batch()
+def test_cache_with_k_equal_vocabulary_is_the_online_reference(path, mode, direction, level, device):
+    h, y, rows, head, ref_logits = batch(device=device)
     kw = dict(kl_weight=0.3, kl_direction=direction, iw_max=1.7, iw_level=level, num_items_in_batch=31)
     cached = reference_rows(ref_logits, y, V)  # every token in the top-k: no tail bucket
     assert cached.ids.shape == (len(y), V) and torch.isneginf(cached.tail).all()
@@ -114,11 +123,12 @@ def independent_bucketed(z, cached: CachedRows, direction):
     return torch.where(p > 0, p * (p.log() - q.log()), 0.0).sum(-1)
 
 
+@pytest.mark.cuda_too
 @pytest.mark.parametrize("k", [1, 7, 60])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("mode", ["sft_kl", "asft"])
-def test_bucketed_kl_and_gradient_equal_an_independent_implementation(k, direction, mode):
-    h, y, rows, head, ref_logits = batch(seed=k)
+def test_bucketed_kl_and_gradient_equal_an_independent_implementation(k, direction, mode, device):
+    h, y, rows, head, ref_logits = batch(seed=k, device=device)
     cached = reference_rows(ref_logits, y, k)
     # The stored tail is the reference's mass outside the top-k, and the bucketed KL a lower bound of the full KL.
     rho = ref_logits.double().softmax(-1)
@@ -146,11 +156,12 @@ def test_bucketed_kl_and_gradient_equal_an_independent_implementation(k, directi
             close(g.double(), ref)
 
 
+@pytest.mark.cuda_too
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_the_fused_cached_gradient_follows_a_logit_scale_and_softcap(direction):
+def test_the_fused_cached_gradient_follows_a_logit_scale_and_softcap(direction, device):
     # The fused cached kernels handle the top-k entries apart from the rest of the vocabulary (the tail's
     # log-sum-exp, the gradient's correction on K): both must see the finished logits cap * tanh(scale * a / cap).
-    h, y, rows, head, ref_logits = batch(seed=3)
+    h, y, rows, head, ref_logits = batch(seed=3, device=device)
     cached, scale, cap = reference_rows(ref_logits, y, 7), 0.7, 2.5
     hh, w, b = (t.detach().double().requires_grad_() for t in (h, head.weight, head.bias))
     logits = torch.tanh((hh @ w.t() + b) * scale / cap) * cap
@@ -176,8 +187,9 @@ def test_the_fused_cached_gradient_follows_a_logit_scale_and_softcap(direction):
         close(g.double(), ref)
 
 
-def test_iw_sft_uses_the_stored_label_log_prob_exactly():
-    h, y, rows, head, ref_logits = batch()
+@pytest.mark.cuda_too
+def test_iw_sft_uses_the_stored_label_log_prob_exactly(device):
+    h, y, rows, head, ref_logits = batch(device=device)
     cached = reference_rows(ref_logits, y, 4)  # a small k: the labels are mostly outside the top-k
     online = loss_of("fused", "iw_sft", h, y, rows, head, ref_logits, iw_max=3.0)
     with_cache = loss_of("fused", "iw_sft", h, y, rows, head, cached=cached, iw_max=3.0)

@@ -21,23 +21,26 @@ def uneven_dataset(tokenizer, n=8, seed=0):
     return datasets.Dataset.from_list(rows)
 
 
-def one_sgd_step(tokenizer, tmp_path, mode, batch, accum, implementation, peft=False):
+def one_sgd_step(tokenizer, tmp_path, mode, batch, accum, implementation, peft=False, device="cpu"):
     """Weights after one plain-SGD step (lr 1, no clipping), so the update is exactly minus the gradient."""
     out = tmp_path / f"{mode}-{batch}-{accum}-{implementation}"
     split = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=accum, dataloader_drop_last=False)
     data, split["shuffle_dataset"] = uneven_dataset(tokenizer), False
+    split.update(use_cpu=torch.device(device).type == "cpu", bf16=False)
     trainer = tiny_trainer(tokenizer, out, data, mode, implementation, peft=peft, kl_weight=0.5, **split, **SGD_STEP)
     # Same order whatever the batch size: the sampler is sequential.
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
     trainer.train()
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.cuda_too
 @pytest.mark.parametrize("implementation", ["naive", "fused"])
 @pytest.mark.parametrize("mode", ["asft", "iw_sft"])
-def test_gradient_does_not_depend_on_batch_split(tokenizer, tmp_path, mode, implementation):
-    whole = one_sgd_step(tokenizer, tmp_path, mode, batch=8, accum=1, implementation=implementation)
-    split = one_sgd_step(tokenizer, tmp_path, mode, batch=2, accum=4, implementation=implementation)
+def test_gradient_does_not_depend_on_batch_split(tokenizer, tmp_path, mode, implementation, device):
+    kw = dict(implementation=implementation, device=device)
+    whole = one_sgd_step(tokenizer, tmp_path, mode, batch=8, accum=1, **kw)
+    split = one_sgd_step(tokenizer, tmp_path, mode, batch=2, accum=4, **kw)
     assert whole.keys() == split.keys()
     start = {n: p for n, p in build_model(tokenizer, seed=1).named_parameters()}
     for name in whole:
@@ -45,9 +48,10 @@ def test_gradient_does_not_depend_on_batch_split(tokenizer, tmp_path, mode, impl
         torch.testing.assert_close(whole[name], split[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_and_naive_paths_give_the_same_update(tokenizer, tmp_path):
-    naive = one_sgd_step(tokenizer, tmp_path, "asft", batch=4, accum=2, implementation="naive")
-    fused = one_sgd_step(tokenizer, tmp_path, "asft", batch=4, accum=2, implementation="fused")
+@pytest.mark.cuda_too
+def test_fused_and_naive_paths_give_the_same_update(tokenizer, tmp_path, device):
+    naive = one_sgd_step(tokenizer, tmp_path, "asft", batch=4, accum=2, implementation="naive", device=device)
+    fused = one_sgd_step(tokenizer, tmp_path, "asft", batch=4, accum=2, implementation="fused", device=device)
     for name in naive:
         torch.testing.assert_close(naive[name], fused[name], rtol=1e-4, atol=1e-6, msg=name)
 
