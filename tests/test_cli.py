@@ -276,3 +276,88 @@ def test_unknown_model_offline_is_one_line(data_file, capsys):
         capsys, ["train", "--model_name_or_path", "nobody/no-such-model", "--data_path", str(data_file)]
     )
     assert "nobody/no-such-model" in err
+
+
+# ------------------------------------------------- issue 24: numbers refused before any model loads, in one place
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--max_steps", "0"], "max_steps"),
+        (["--max_steps", "-5", "--num_train_epochs", "0"], "max_steps"),
+        (["--num_train_epochs", "-1"], "num_train_epochs"),
+        (["--kl_weight", "nan"], "kl_weight"),
+        (["--kl_weight", "inf"], "kl_weight"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
+        (["--learning_rate", "-1"], "learning_rate"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+        (["--warmup_steps", "-1"], "warmup_steps"),
+        (["--bf16", "--fp16"], "bf16"),
+        (["--use_lora", "--lora_r", "0"], "lora_r"),
+        (["--lora_dropout", "1.5"], "lora_dropout"),
+    ],
+)
+def test_train_numbers_out_of_range_are_one_line_before_loading(tmp_path, capsys, flags, field):
+    # The model does not exist: a check that ran after the model load would say so instead.
+    argv = train_cmd(tmp_path / "no-model", tmp_path / "no.jsonl", tmp_path / "out", *flags)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: --{field}" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["rl", "--model_name_or_path", "m", "--data_path", "d", "--num_generations", "0"], "num_generations"),
+        (
+            ["rl", "--model_name_or_path", "m", "--data_path", "d", "--max_completion_length", "0"],
+            "max_completion_length",
+        ),
+        (
+            ["cache-reference", "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", "--top_k", "0"],
+            "top_k",
+        ),
+        (["cache-reference", "--model_name_or_path", "m", "--batch_size", "0"], "batch_size"),
+        (
+            ["eval", "--task", "math", "--model", "m", "--data", "d", "--output_dir", "o", "--num_samples", "0"],
+            "num_samples",
+        ),
+        (
+            ["eval", "--task", "math", "--model", "m", "--data", "d", "--output_dir", "o", "--temperature", "nan"],
+            "temperature",
+        ),
+    ],
+)
+def test_every_command_checks_its_numbers(capsys, argv, field):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: --{field}:" in err, err
+
+
+def test_merge_lora_with_a_missing_base_is_one_line(tiny_model_dir, data_file, tmp_path, capsys):
+    lora = tmp_path / "lora"
+    assert main(train_args(tiny_model_dir, data_file, lora, "--mode", "sft", "--use_lora")) == 0
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "merge-lora",
+                "--base_model_path",
+                "nope",
+                "--lora_model_path",
+                str(lora),
+                "--output_dir",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 2
+    )
+    assert "base_model_path: nope" in capsys.readouterr().err
+
+
+def test_output_dir_that_is_a_file_names_the_flag(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("x")
+    assert main(train_args(tiny_model_dir, data_file, out, "--mode", "sft")) == 2
+    assert "output_dir:" in capsys.readouterr().err

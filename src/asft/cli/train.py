@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..evaluation.callback import TaskEvalArguments
 from ..io import METRICS_FILE
-from ..training.checkpoints import check_output_dir, check_resume, resolve_resume
+from ..training.checkpoints import check_output_dir, check_resume, clear_run, dataset_fingerprint, resolve_resume
 from .args import argv_with_yaml, check_known_flags, dataclass_parser, given, stopped_message
 
 
@@ -221,11 +221,18 @@ def main(argv: list[str]) -> int:
         print(f"No --output_dir given: the run goes to {Path(config.output_dir).resolve()}", flush=True)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     check_output_dir(config.output_dir, script.overwrite_output_dir, resume is not None)
-    if resume is not None:
-        check_resume(resume, config, script.accept_changed_settings)
+    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
+        raise UsageError(f"output_dir: {config.output_dir} is a file, not a folder")
 
     from ..data import build_dataset
-    from ..models import check_lora_targets, load_model, load_tokenizer, lora_config, resolve_model_path
+    from ..models import (
+        base_model_record,
+        check_lora_targets,
+        load_model,
+        load_tokenizer,
+        lora_config,
+        resolve_model_path,
+    )
 
     model_path = resolve_model_path(script.model_name_or_path, config.trust_remote_code)
     if script.use_lora:
@@ -258,11 +265,18 @@ def main(argv: list[str]) -> int:
             on_bad_rows=script.on_bad_rows,
         )
     print(f"Data: {len(train_ds)} training examples" + (f", {len(eval_ds)} held-out" if eval_ds else ""))
+    base_model = base_model_record(script.model_name_or_path)
+    if resume is not None:  # the checkpoint must come from this data, model and settings
+        identity = {"data_fingerprint": dataset_fingerprint(train_ds), "base_model": base_model}
+        if check_resume(resume, config, script.accept_changed_settings, identity):
+            return 0  # a finished run: nothing is trained, nothing is overwritten
 
     from ..training.trainer import AnchoredSFTTrainer
 
     model = load_model(model_path, dtype=script.model_dtype, trust_remote_code=config.trust_remote_code)
     model.train()
+    if script.overwrite_output_dir and resume is None and (gone := clear_run(config.output_dir)):
+        print(f"--overwrite_output_dir: removed the previous run's {len(gone)} file(s) and checkpoint(s)", flush=True)
     peft_config = None
     if script.use_lora:
         peft_config = lora_config(script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules)
@@ -274,14 +288,17 @@ def main(argv: list[str]) -> int:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    trainer.base_model_name = script.model_name_or_path
+    trainer.base_model_name = base_model
     if task_eval is not None:
         trainer.add_callback(task_eval.attach(trainer))
     describe_run(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
-    if trainer.stopper.signum is not None:
+    finished = trainer.state.max_steps > 0 and trainer.state.global_step >= trainer.state.max_steps
+    if trainer.stopper.signum is not None and not finished:
         print(stopped_message(trainer.state.global_step, config.output_dir), flush=True)
         return 128 + trainer.stopper.signum
+    if trainer.stopper.signum is not None:  # the signal came after the last step: the run is complete, save it
+        print("The stop signal came after the last step: saving the final model", flush=True)
     trainer.save_model(config.output_dir)
     metrics = {**result.metrics, "train_response_tokens": trainer.response_tokens}
     trainer.save_metrics("train", metrics)  # train_results.json and all_results.json, as transformers' examples

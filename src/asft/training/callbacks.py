@@ -62,6 +62,8 @@ RUN_SETTINGS = (
     "learning_rate",
     "lr_scheduler_type",
     "weight_decay",
+    "max_steps",
+    "num_train_epochs",
 )
 
 
@@ -74,9 +76,12 @@ class RunSettingsCallback(TrainerCallback):
     objective's settings (a resume compares them), and what `asft compare` tabulates (LoRA, model, every
     training argument, tokens redacted by transformers' to_dict)."""
 
+    def __init__(self, identity=dict):
+        self.identity = identity  # () -> {"data_fingerprint": ..., "base_model": ...}: what else a resume must match
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
-            self.info = {**run_settings(args), **_run_description(args, model)}
+            self.info = {**run_settings(args), **self.identity(), **_run_description(args, model)}
             write_json(Path(args.output_dir) / RUN_FILE, self.info, indent=1)
 
     def on_save(self, args, state, control, **kwargs):

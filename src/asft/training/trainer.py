@@ -22,7 +22,7 @@ from ..models import DTYPES
 from ..objectives import token_loss, uses_kl
 from ..version import __version__
 from .callbacks import GracefulStopCallback, MetricsFileCallback, ProgressTermsCallback, RunSettingsCallback
-from .checkpoints import last_checkpoint
+from .checkpoints import dataset_fingerprint, last_checkpoint
 from .config import AnchoredSFTConfig
 from .reference import (
     AdapterDisabledReference,
@@ -71,6 +71,7 @@ class AnchoredSFTTrainer(SFTTrainer):
         if not isinstance(args, AnchoredSFTConfig):
             raise TypeError("args must be an AnchoredSFTConfig")
         self.reference_cache = None
+        self.data_fingerprint = dataset_fingerprint(kwargs.get("train_dataset"))
         if args.reference_cache:  # checked against the data before anything is prepared or computed
             self.reference_cache, kwargs = open_for_training(args, ref_model, kwargs, model)
         super().__init__(model, args=args, **kwargs)
@@ -78,7 +79,7 @@ class AnchoredSFTTrainer(SFTTrainer):
             check_prepared(self.reference_cache, self.train_dataset)
             self.data_collator = ExampleIndexCollator(self.data_collator)
         self.add_callback(MetricsFileCallback())
-        self.add_callback(RunSettingsCallback())
+        self.add_callback(RunSettingsCallback(self.run_identity))
         self.add_callback(ProgressTermsCallback(self))
         self.response_tokens = 0.0  # trained response tokens, for the end-of-run tokens/s
         self.base_model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or (
@@ -109,6 +110,10 @@ class AnchoredSFTTrainer(SFTTrainer):
         self.ref_model = None
         if args.needs_reference:
             self.reference = self._build_reference(unwrapped, ref_model)
+
+    def run_identity(self) -> dict:
+        """What, besides the settings, a resume must match: the training examples and the base model."""
+        return {"data_fingerprint": self.data_fingerprint, "base_model": self.base_model_name}
 
     # ------------------------------------------------------------------------------------------- reference
 
