@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -384,8 +385,7 @@ def test_an_interrupted_build_continues_into_an_identical_cache(built, tiny_mode
         return write_shard(out, index, *a)
 
     monkeypatch.setattr(asft.cache.store, "_write_shard", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(argv)
+    assert main(argv) == 130  # one line: the finished shards are kept
     assert not (tmp_path / "cut" / "manifest.json").exists()
     with pytest.raises(Exception, match="unfinished build"):
         ReferenceCache(tmp_path / "cut")
@@ -469,3 +469,24 @@ def test_the_trainer_checks_the_cache_itself(built, tokenizer, tmp_path):
     )
     with pytest.raises(CacheMismatchError, match=r"example 5: field .input_ids."):
         AnchoredSFTTrainer(build_model(tokenizer, seed=0), args=args, train_dataset=other, processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("damage", ["manifest", "truncated", "deleted"])
+def test_a_damaged_cache_is_one_line_naming_the_file_before_training(built, tiny_model_dir, tmp_path, capsys, damage):
+    cache = tmp_path / "cache"
+    shutil.copytree(built["full"], cache)
+    shard = sorted(p for p in cache.iterdir() if p.is_dir())[1]
+    if damage == "manifest":
+        bad = cache / "manifest.json"
+        bad.write_text(bad.read_text()[:50])
+    elif damage == "truncated":
+        bad = shard / "logp.npy"
+        bad.write_bytes(bad.read_bytes()[:200])
+    else:
+        bad = shard / "ids.npy"
+        bad.unlink()
+    out = tmp_path / "run"
+    assert main(train_argv(tiny_model_dir, built["data"], out, "--reference_cache", str(cache))) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "--overwrite" in err, err
+    assert not (out / "metrics.jsonl").exists()

@@ -475,3 +475,13 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir, problems
     finally:
         os.chdir(Path(__file__).parent)
     assert max(r["step"] for r in records(out)) == step + 1
+
+
+def test_use_vllm_without_vllm_is_one_line(tiny_model_dir, problems, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM can run here")
+    assert main(["rl", *rl_args(tiny_model_dir, problems, tmp_path / "o", "--use_vllm")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use_vllm: needs" in err[0], err

@@ -264,3 +264,37 @@ def test_adapters_record_an_absolute_base_and_a_missing_base_names_the_flag(
     shutil.rmtree(work / "tiny")
     with pytest.raises(ModelLoadError, match="--base_model"):
         load_model(str(work / "lora"))
+
+
+def test_an_interrupt_while_loading_is_one_line(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    import asft.models
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(asft.models, "load_model", interrupted)
+    assert main(args_for(tiny_model_dir, data_file, tmp_path / "o", "--mode", "sft", "--max_steps", "1")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted; stopped before training began" in err[0], err
+
+
+def test_a_second_stop_signal_stops_at_once_naming_the_last_checkpoint(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    from asft.errors import StoppedWithoutCheckpoint
+    from asft.training.callbacks import GracefulStopCallback
+
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    stopper = GracefulStopCallback(last_checkpoint)
+    stopper.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), None, None)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stopper.signum == signal.SIGINT
+        with pytest.raises(
+            StoppedWithoutCheckpoint, match="stopping without a checkpoint; the last checkpoint is .*checkpoint-4"
+        ):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stopper.on_train_end(None, None, None)

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 from ..errors import UsageError
-from ..training.checkpoints import last_checkpoint
 
 
 def yaml_to_argv(path: str) -> list[str]:
@@ -195,6 +194,8 @@ def check_numbers(values: dict) -> None:
 
 def stopped_message(step: int, output_dir: str) -> str:
     """What a run stopped by a signal prints: where its checkpoint is and how to continue."""
+    from ..training.checkpoints import last_checkpoint
+
     return (
         f"Stopped at step {step}; checkpoint: {last_checkpoint(output_dir)}. "
         "To continue, run the same command with --resume_from_checkpoint last"

@@ -144,6 +144,15 @@ def check_rl_args(script: RLArguments, config) -> None:
         raise UsageError(f"beta: must be >= 0, got {config.beta}")
     if script.use_lora and script.merge_adapter:
         raise UsageError("use_lora: with --merge_adapter the merged model is trained in full; pick one")
+    if getattr(config, "use_vllm", False):  # as eval and cache-reference say it: one line, before any load
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("vllm") is None:
+            raise UsageError("use_vllm: needs the vllm package (pip install 'asft[vllm]') and a CUDA GPU")
+        if not torch.cuda.is_available():
+            raise UsageError("use_vllm: needs a CUDA GPU and none is visible")
 
 
 def dynamic_sampling_on(script: RLArguments) -> bool:

@@ -44,7 +44,7 @@ class AsftGRPOTrainer(GRPOTrainer):
         self.signal_column = signal_column  # the correctness reward: what "no signal" is judged by
         self._gathered_rewards = None
         self.add_callback(MetricsFileCallback())
-        self.stopper = GracefulStopCallback()
+        self.stopper = GracefulStopCallback(last_checkpoint)
         self.add_callback(self.stopper)
 
     # TRL private override (read from trl 1.16.0, GRPOTrainer._tokenize_prompts): rendered prompts -> token ids.

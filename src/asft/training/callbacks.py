@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..errors import StoppedWithoutCheckpoint
 from ..io import METRICS_FILE, RUN_FILE, write_json, write_text
 
 
@@ -136,19 +137,22 @@ class ProgressTermsCallback(TrainerCallback):
 class GracefulStopCallback(TrainerCallback):
     """On SIGTERM / SIGINT, finish the current step, save a checkpoint and stop (no half-written state).
 
-    A second signal falls through to the previous handler (e.g. KeyboardInterrupt), for a user who insists.
+    A second signal stops at once (StoppedWithoutCheckpoint, a KeyboardInterrupt) naming the last checkpoint.
     """
 
-    def __init__(self):
+    def __init__(self, last_checkpoint=lambda output_dir: None):
         self.signum = None
         self._previous = {}
+        self._output_dir = None
+        self._last_checkpoint = last_checkpoint  # output_dir -> the newest complete checkpoint (checkpoints.py)
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
-            previous = self._previous.get(signum)
-            if callable(previous):
-                previous(signum, frame)
-            return
+        if self.signum is not None:  # the user insists: stop now, and say what is left
+            last = self._last_checkpoint(self._output_dir) if self._output_dir else None
+            raise StoppedWithoutCheckpoint(
+                f"{signal.Signals(signum).name} again: stopping without a checkpoint; the last checkpoint is "
+                + (f"{last} (continue with --resume_from_checkpoint last)" if last else "none (nothing was saved)")
+            )
         self.signum = signum
         print(
             f"\nReceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping.",
@@ -156,6 +160,7 @@ class GracefulStopCallback(TrainerCallback):
         )
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._output_dir = args.output_dir
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)

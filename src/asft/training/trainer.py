@@ -85,7 +85,7 @@ class AnchoredSFTTrainer(SFTTrainer):
         self.base_model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or (
             model if isinstance(model, str) else None
         )
-        self.stopper = GracefulStopCallback()
+        self.stopper = GracefulStopCallback(last_checkpoint)
         self.add_callback(self.stopper)
         # Global normalisation: the loss divides by the step's response tokens itself, so the Trainer must count
         # them (num_items_in_batch) and must not divide by the accumulation steps again.
