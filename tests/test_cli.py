@@ -361,3 +361,28 @@ def test_output_dir_that_is_a_file_names_the_flag(tiny_model_dir, data_file, tmp
     out.write_text("x")
     assert main(train_args(tiny_model_dir, data_file, out, "--mode", "sft")) == 2
     assert "output_dir:" in capsys.readouterr().err
+
+
+# ------------------------------------------------- issue 24: conflicting or ignored flags are errors naming both
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--global_batch_size", "16", "--gradient_accumulation_steps", "2"], "gradient_accumulation_steps"),
+        (["--mode", "sft", "--reference_cache", "c/"], "reference_cache: mode 'sft'"),
+        (["--mode", "sft", "--kl_weight", "0.5"], "kl_weight: mode 'sft'"),
+        (["--mode", "asft", "--iw_level", "token"], "iw_level: mode 'asft'"),
+        (["--mode", "iw_sft", "--iw_level", "token", "--iw_max", "5"], "iw_max: --iw_level token"),
+        (["--use_lora", "false", "--lora_r", "64"], "lora_r: only used with --use_lora"),
+    ],
+)
+def test_conflicting_or_ignored_flags_are_refused(flags, expected):
+    with pytest.raises(ConfigError, match=expected):
+        parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", *flags])
+
+
+def test_token_level_iw_sft_does_not_print_iw_max(tiny_model_dir, data_file, tmp_path, capsys):
+    assert main(train_args(tiny_model_dir, data_file, tmp_path / "o", "--mode", "iw_sft", "--iw_level", "token")) == 0
+    printed = capsys.readouterr().out
+    assert "token-level weights (ratio clamped to [0.2, 1.8])" in printed and "iw_max" not in printed

@@ -111,11 +111,26 @@ def parse_train_args(argv: list[str]):
             raise UsageError(f"model_max_length: must be >= 2, got {script.model_max_length}")
         config.max_length = script.model_max_length
     _check_training_flags(script, config)
-    if config.needs_reference is False and config.reference_model_path:
-        raise UsageError(f"reference_model_path: mode {config.mode!r} uses no reference")
+    _check_ignored_flags(argv, script, config)
+    for name in ("reference_model_path", "reference_cache"):
+        if config.needs_reference is False and getattr(config, name):
+            raise UsageError(f"{name}: mode {config.mode!r} uses no reference (pass --monitor_kl to log the KL)")
     if script.use_lora and config.reference_model_path:
         raise UsageError("reference_model_path: under --use_lora the reference is the adapter-disabled base")
     return script, config
+
+
+def _check_ignored_flags(argv: list[str], script, config) -> None:
+    """A flag the chosen objective (or a LoRA-less run) would ignore is an error naming both, not silence."""
+    from ..training.config import ignored_settings
+
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    ignored = ignored_settings(config, names)
+    if not script.use_lora:
+        lora = sorted(n for n in names if n.startswith("lora_"))
+        ignored += [f"{n}: only used with --use_lora" for n in lora]
+    if ignored:
+        raise UsageError("; ".join(ignored))
 
 
 def _check_spellings(argv: list[str]) -> None:
@@ -202,6 +217,10 @@ def _derived_flags(argv: list[str]) -> list[str]:
     if args.deepspeed_config:
         flags += ["--deepspeed", resolve_preset(args.deepspeed_config, "deepspeed", "deepspeed_config")]
     if args.global_batch_size is not None:
+        if given(argv, "--gradient_accumulation_steps"):
+            raise UsageError(
+                "global_batch_size: conflicts with --gradient_accumulation_steps (it sets the accumulation); give one"
+            )
         per_step = args.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
         if args.global_batch_size < per_step or args.global_batch_size % per_step:
             raise UsageError(
@@ -338,8 +357,10 @@ def describe_run(trainer) -> None:
     line = f"Objective: {a.mode}"
     if a.mode in ("sft_kl", "asft"):
         line += f" with kl_weight={a.kl_weight} x {kl_phrase(a.kl_direction)} [{a.kl_direction}]"
-    if a.mode == "iw_sft":
-        line += f" with {a.iw_level}-level weights, iw_max={a.iw_max}"
+    if a.mode == "iw_sft" and a.iw_level == "token":
+        line += " with token-level weights (ratio clamped to [0.2, 1.8])"
+    elif a.mode == "iw_sft":
+        line += f" with sequence-level weights, iw_max={a.iw_max}"
     if a.monitor_kl and a.mode in ("sft", "dft"):
         line += f"; logging kl [{a.kl_direction}] (--monitor_kl; not in the loss)"
     if trainer.reference_cache is not None:

@@ -247,7 +247,8 @@ def model_card(trainer, model_name=None) -> str:
     if uses_kl(a.mode):
         objective += f", kl_weight {a.kl_weight}, {kl_phrase(a.kl_direction)} ({a.kl_direction})"
     if a.mode == "iw_sft":
-        objective += f", {a.iw_level}-level weights, iw_max {a.iw_max}"
+        objective += ", token-level weights (clamped to [0.2, 1.8])" if a.iw_level == "token" else ""
+        objective += f", sequence-level weights, iw_max {a.iw_max}" if a.iw_level == "sequence" else ""
     base = trainer.base_model_name or "unknown"
     kind = "LoRA adapter" if trainer.is_peft else "full fine-tuning"
     lines = [
