@@ -369,7 +369,7 @@ def test_a_cache_of_other_data_or_settings_is_refused_before_training(
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_an_interrupted_build_continues_into_an_identical_cache(built, tiny_model_dir, tmp_path, monkeypatch):
+def test_an_interrupted_build_continues_into_an_identical_cache(built, tiny_model_dir, tmp_path, monkeypatch, capsys):
     import asft.cache
 
     argv = build_argv(tiny_model_dir, built["data"], tmp_path / "cut", 10_000, "--dtype", "float32")
@@ -390,8 +390,13 @@ def test_an_interrupted_build_continues_into_an_identical_cache(built, tiny_mode
     with pytest.raises(Exception, match="unfinished build"):
         ReferenceCache(tmp_path / "cut")
     monkeypatch.setattr(asft.cache.store, "_write_shard", lambda *a: (calls.append(a[1]), write_shard(*a)))
+    capsys.readouterr()
     assert main(argv) == 0
     assert calls[2:] == [1, 2]  # shard 0 was not recomputed
+    assert "Built 2 shard(s) here, reused 1 already built" in capsys.readouterr().out
+    assert main(argv) == 0  # a complete cache: nothing to compute, and it says so
+    assert "already complete (3 shard(s) here): nothing computed" in capsys.readouterr().out
+    assert calls[4:] == []
     files = lambda root: {
         p.relative_to(root).as_posix(): p.read_bytes()  # noqa: E731
         for p in sorted(root.rglob("*"))

@@ -298,3 +298,26 @@ def test_a_second_stop_signal_stops_at_once_naming_the_last_checkpoint(tmp_path)
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         stopper.on_train_end(None, None, None)
+
+
+def test_the_summary_after_a_resume_covers_the_whole_run(tiny_model_dir, data_file, tmp_path, capsys):
+    extra = ["--max_steps", "6", "--save_steps", "3", "--mode", "sft"]
+    straight = tmp_path / "straight"
+    assert main(args_for(tiny_model_dir, data_file, straight, *extra)) == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copy(straight / "metrics.jsonl", resumed / "metrics.jsonl")
+    with (resumed / "metrics.jsonl").open("a") as f:  # the summary a run stopped at step 3 by SIGTERM writes
+        f.write(json.dumps({"step": 3, "train_runtime": 1.0, "train_loss": 9.0}) + "\n")
+    capsys.readouterr()
+    assert main(args_for(tiny_model_dir, data_file, resumed, *extra, "--resume_from_checkpoint", "last")) == 0
+    assert "Done: 6 steps" in capsys.readouterr().out
+    a, b = (json.loads((run / "all_results.json").read_text()) for run in (straight, resumed))
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    assert b["train_response_tokens"] == a["train_response_tokens"]
+    assert b["train_runtime"] > json.loads((straight / "checkpoint-3" / "asft_totals.json").read_text())["runtime"]
+    summaries = [
+        r for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines()) if "train_runtime" in r
+    ]
+    assert len(summaries) == 1 and summaries[0]["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)

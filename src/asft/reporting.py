@@ -362,14 +362,18 @@ def collect(paths: list[str | Path]) -> list[RunInfo]:
     return runs + extra
 
 
+# The final terms `asft compare` tabulates: training's, then an RL run's rewards.
+FINAL_TERMS = (*TERMS[:7], "reward", "accuracy")
+
+
 def _final_terms(run: RunInfo) -> dict[str, float]:
-    return {k: series(run.records, k)[1][-1] for k in TERMS[:7] if series(run.records, k)[0]}
+    return {k: series(run.records, k)[1][-1] for k in FINAL_TERMS if series(run.records, k)[0]}
 
 
 def comparison(rows: list[RunInfo]) -> dict:
     """The comparison as data: one entry per row (config, final terms, results) and the best row per result."""
     result_keys = list(dict.fromkeys(k for r in rows for k in r.results))
-    term_keys = [k for k in TERMS[:7] if any(k in _final_terms(r) for r in rows)]
+    term_keys = [k for k in FINAL_TERMS if any(k in _final_terms(r) for r in rows)]
     entries = []
     for r in rows:
         c, lora = r.config, r.config.get("lora")

@@ -258,11 +258,8 @@ def build_cache(
     out = Path(output_dir)
     for stale in out.glob(f".shard-*.tmp-{os.getpid()}"):
         shutil.rmtree(stale, ignore_errors=True)
-    todo = [
-        (i, span)
-        for i, span in enumerate(_shards(plan))
-        if i % world_size == rank and not (out / shard_name(i)).is_dir()
-    ]
+    mine = [(i, span) for i, span in enumerate(_shards(plan)) if i % world_size == rank]
+    todo = [(i, span) for i, span in mine if not (out / shard_name(i)).is_dir()]
     tokens = plan["examples"]["tokens"]
     total = sum(sum(tokens[s:e]) for _, (s, e) in todo)
     from tqdm.auto import tqdm
@@ -286,7 +283,13 @@ def build_cache(
             on_shard(index)
     bar.close()
     seconds = time.perf_counter() - start
-    return {"shards": len(todo), "tokens": done, "seconds": seconds, "tokens_per_s": done / seconds if seconds else 0}
+    return {
+        "shards": len(todo),
+        "reused": len(mine) - len(todo),  # shards an interrupted build (or a complete cache) already held
+        "tokens": done,
+        "seconds": seconds,
+        "tokens_per_s": done / seconds if seconds else 0,
+    }
 
 
 def finish_cache(output_dir: str | Path, plan: dict) -> dict:

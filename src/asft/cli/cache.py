@@ -185,10 +185,14 @@ def main(argv: list[str]) -> int:
         rank=state.process_index,
         world_size=state.num_processes,
     )
-    log(
-        f"Built {stats['shards']} shard(s) here: {stats['tokens']} tokens in {stats['seconds']:.1f} s "
-        f"({stats['tokens_per_s']:.0f} tokens/s on this process)"
-    )
+    if stats["shards"] == 0:
+        log(f"The cache in {out} is already complete ({stats['reused']} shard(s) here): nothing computed")
+    else:
+        reused = f", reused {stats['reused']} already built" if stats["reused"] else ""
+        log(
+            f"Built {stats['shards']} shard(s) here{reused}: {stats['tokens']} tokens in {stats['seconds']:.1f} s "
+            f"({stats['tokens_per_s']:.0f} tokens/s on this process)"
+        )
     state.wait_for_everyone()
     if main_process:
         finish_cache(out, plan)

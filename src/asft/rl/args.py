@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
+
+# transformers deprecates `gradient_checkpointing` (GRPOConfig's field, TRL's calls) in favour of
+# `activation_checkpointing`: raised on every `asft rl` call, about names a user does not choose.
+warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 ALGORITHMS = {
     # GRPO (DeepSeekMath): per-sequence mean, symmetric clipping, std-scaled group advantages, KL to the reference.

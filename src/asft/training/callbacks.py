@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from ..errors import StoppedWithoutCheckpoint
 from ..io import METRICS_FILE, RUN_FILE, write_json, write_text
+
+TOTALS_FILE = "asft_totals.json"  # in each checkpoint: what the run did up to it (a resumed run's summary adds it)
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -21,8 +24,8 @@ class MetricsFileCallback(TrainerCallback):
     """
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            truncate_metrics(Path(args.output_dir) / METRICS_FILE, state.global_step)
+        if state.is_world_process_zero:  # the summary of an earlier, stopped part goes too: a resume writes its own
+            truncate_metrics(Path(args.output_dir) / METRICS_FILE, state.global_step, drop_summaries=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -33,14 +36,16 @@ class MetricsFileCallback(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-def truncate_metrics(path: Path, step: int) -> int:
-    """Keep the records of metrics.jsonl up to `step` (and unreadable lines, never dropped); return how many went."""
+def truncate_metrics(path: Path, step: int, drop_summaries: bool = False) -> int:
+    """Keep the records of metrics.jsonl up to `step` (and unreadable lines, never dropped), without the end-of-run
+    summaries when `drop_summaries`; return how many went."""
     if not path.exists():
         return 0
     kept, dropped = [], 0
     for line in path.read_text().splitlines(keepends=True):
         try:
-            past = json.loads(line).get("step", 0) > step
+            record = json.loads(line)
+            past = record.get("step", 0) > step or (drop_summaries and "train_runtime" in record)
         except (ValueError, AttributeError, TypeError):
             past = False
         if past:
@@ -110,6 +115,43 @@ def _run_description(args, model) -> dict:
         "model": getattr(getattr(base, "config", None), "_name_or_path", None),
         "args": json.loads(args.to_json_string()),
     }
+
+
+class RunTotalsCallback(TrainerCallback):
+    """Write `checkpoint-N/asft_totals.json`: steps, seconds, response tokens and the sum of the per-step losses up
+    to step N, so the summary of a resumed run covers the whole run (`trainer.prior_totals` holds the resumed
+    checkpoint's, `trainer.response_tokens` counts from them)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.loss_sum, self.last_logged = time.perf_counter(), 0.0, state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and "train_runtime" not in logs:
+            self.loss_sum += logs["loss"] * (state.global_step - self.last_logged)
+            self.last_logged = state.global_step
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            prior = self.trainer.prior_totals
+            totals = {
+                "steps": state.global_step,
+                "runtime": prior.get("runtime", 0.0) + time.perf_counter() - self.start,
+                "response_tokens": self.trainer.response_tokens,
+                "loss_sum": prior.get("loss_sum", 0.0) + self.loss_sum,
+            }
+            write_json(checkpoint / TOTALS_FILE, totals)
+
+
+def read_totals(checkpoint) -> dict:
+    """A checkpoint's totals (RunTotalsCallback); {} for a checkpoint written before them."""
+    try:
+        return json.loads((Path(checkpoint) / TOTALS_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 class ProgressTermsCallback(TrainerCallback):

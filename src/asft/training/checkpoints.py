@@ -125,10 +125,17 @@ def check_resume(checkpoint: str, config, accept: bool, identity: dict | None = 
     if target and step >= target:
         print(f"{Path(checkpoint).name} finished the run (step {step} of {target}): nothing to do", flush=True)
         return True
-    print(f"Resuming from {Path(checkpoint).name} (step {step} of {target or '?'})", flush=True)
+    print(resuming_line(checkpoint, target), flush=True)
     if changed:
         print(f"Continuing with changed settings: {'; '.join(changed)}", flush=True)
     return False
+
+
+def resuming_line(checkpoint: str, target: int | None = None) -> str:
+    """'Resuming from checkpoint-N (step N of M)', as train and rl print it."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    target = target or state.get("max_steps")
+    return f"Resuming from {Path(checkpoint).name} (step {state.get('global_step', 0)} of {target or '?'})"
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:

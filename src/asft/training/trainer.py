@@ -21,7 +21,14 @@ from ..io import write_text
 from ..models import DTYPES
 from ..objectives import token_loss, uses_kl
 from ..version import __version__
-from .callbacks import GracefulStopCallback, MetricsFileCallback, ProgressTermsCallback, RunSettingsCallback
+from .callbacks import (
+    GracefulStopCallback,
+    MetricsFileCallback,
+    ProgressTermsCallback,
+    RunSettingsCallback,
+    RunTotalsCallback,
+    read_totals,
+)
 from .checkpoints import dataset_fingerprint, last_checkpoint
 from .config import AnchoredSFTConfig
 from .reference import (
@@ -81,7 +88,9 @@ class AnchoredSFTTrainer(SFTTrainer):
         self.add_callback(MetricsFileCallback())
         self.add_callback(RunSettingsCallback(self.run_identity))
         self.add_callback(ProgressTermsCallback(self))
-        self.response_tokens = 0.0  # trained response tokens, for the end-of-run tokens/s
+        self.add_callback(RunTotalsCallback(self))
+        self.response_tokens = 0.0  # trained response tokens (the whole run's after a resume), for tokens/s
+        self.prior_totals = {}  # what the run had done at the checkpoint it resumed from (RunTotalsCallback)
         self.base_model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or (
             model if isinstance(model, str) else None
         )
@@ -110,6 +119,31 @@ class AnchoredSFTTrainer(SFTTrainer):
         self.ref_model = None
         if args.needs_reference:
             self.reference = self._build_reference(unwrapped, ref_model)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """Trainer.train; after a resume, the summary (runtime, tokens, train_loss) covers the whole run."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = last_checkpoint(self.args.output_dir)
+        self.prior_totals = read_totals(checkpoint) if checkpoint else {}
+        self.response_tokens = self.prior_totals.get("response_tokens", 0.0)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _whole_run_summary(self, logs: dict) -> None:
+        """Turn the end-of-train metrics of this call into the whole run's (in place: they are also returned)."""
+        prior = self.prior_totals
+        if not prior or "train_runtime" not in logs:
+            return
+        steps_now = self.state.global_step - prior["steps"]
+        if "train_loss" in logs and self.state.global_step:
+            logs["train_loss"] = (prior["loss_sum"] + logs["train_loss"] * steps_now) / self.state.global_step
+        runtime = logs["train_runtime"] + prior["runtime"]
+        for key in ("train_samples_per_second", "train_steps_per_second"):
+            if key in logs and runtime:
+                logs[key] = round(
+                    logs[key] * logs["train_runtime"] / runtime * self.state.global_step / max(steps_now, 1), 3
+                )
+        logs["train_runtime"] = round(runtime, 4)
 
     def run_identity(self) -> dict:
         """What, besides the settings, a resume must match: the training examples and the base model."""
@@ -213,6 +247,7 @@ class AnchoredSFTTrainer(SFTTrainer):
                 sums[key] += value * n
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._whole_run_summary(logs)
         split = "train" if self.model.training else "eval"
         sums = self._term_sums[split]
         if sums:
