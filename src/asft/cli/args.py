@@ -158,6 +158,8 @@ NUMBER_RANGES = {
     "bootstrap_samples": POSITIVE,
     "code_memory_mb": POSITIVE,
     "code_workers": POSITIVE,
+    # data inspect
+    "show": NON_NEGATIVE,
 }
 
 
