@@ -386,3 +386,35 @@ def test_token_level_iw_sft_does_not_print_iw_max(tiny_model_dir, data_file, tmp
     assert main(train_args(tiny_model_dir, data_file, tmp_path / "o", "--mode", "iw_sft", "--iw_level", "token")) == 0
     printed = capsys.readouterr().out
     assert "token-level weights (ratio clamped to [0.2, 1.8])" in printed and "iw_max" not in printed
+
+
+# ---------------------------------------------------------------------------------------- issue 24, item 10
+
+
+def test_a_yaml_typo_names_the_file_and_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("mode: asft\n# a comment\nkl_wieght: 0.05\n")
+    with pytest.raises(ConfigError, match=rf"{config}:3: unknown key 'kl_wieght' \(did you mean kl_weight\?\)"):
+        parse_train_args([str(config), "--model_name_or_path", "m", "--data_path", "d"])
+
+
+def test_a_run_whose_only_step_is_at_lr_0_is_refused(tiny_model_dir, data_file, tmp_path, capsys):
+    # The shipped examples (global batch 256, warmup 0.1) on a small file: one step, the warmup's first.
+    flags = ["--global_batch_size", "256", "--warmup_steps", "0.1", "--num_train_epochs", "1"]
+    argv = train_cmd(tiny_model_dir, data_file, tmp_path / "o", "--per_device_train_batch_size", "4", *flags)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "fewer than one optimizer step takes (256" in captured.out
+    assert "warmup_steps: the run has 1 optimizer step" in captured.err
+
+
+def test_warnings_are_one_line_without_source(tiny_model_dir, data_file, tmp_path):
+    import subprocess
+    import sys
+
+    argv = train_args(tiny_model_dir, data_file, tmp_path / "o", "--mode", "asft", "--kl_weight", "0")
+    run = subprocess.run([sys.executable, "-m", "asft.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (line,) = [x for x in run.stderr.splitlines() if "kl_weight=0" in x]
+    assert line.startswith("UserWarning: kl_weight=0 makes mode 'asft' equal to dft")
+    assert "warnings.warn(" not in run.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 from ..errors import ConfigError, DataError, ModelLoadError, StoppedWithoutCheckpoint, TrainingDivergedError
 
@@ -51,6 +52,11 @@ INTERRUPTED = {
 }
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line ("UserWarning: ..."), without the Python source line that raised it."""
+    return f"{category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--local_rank="):  # the deepspeed launcher puts it before our command
@@ -59,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    warnings.formatwarning = _one_line_warning
     if command not in COMMANDS:
         print(f"asft: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

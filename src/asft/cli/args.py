@@ -62,15 +62,45 @@ def argv_with_yaml(argv: list[str]) -> list[str]:
     return yaml_to_argv(argv[0]) + argv[1:] if argv and argv[0].endswith((".yaml", ".yml")) else list(argv)
 
 
-def check_known_flags(argv: list[str], parser) -> None:
-    """Refuse flags the parser does not know, suggesting the nearest known one."""
+def check_known_flags(argv: list[str], parser, yaml_file: str | None = None) -> None:
+    """Refuse flags the parser does not know, suggesting the nearest known one; a key of `yaml_file` (the config
+    the argv started with) is named by its file and line, not as a command-line flag."""
     import difflib
 
     known = {a.split("=")[0] for action in parser._actions for a in action.option_strings}
     unknown = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in known]
-    if unknown:
-        hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, known, 1)) else u for u in unknown]
-        raise UsageError(f"unknown option(s): {', '.join(hints)}")
+    if not unknown:
+        return
+    yaml_lines = _yaml_key_lines(yaml_file) if yaml_file else {}
+    hints = []
+    for u in unknown:
+        match = difflib.get_close_matches(u, known, 1)
+        if u[2:] in yaml_lines:
+            hint = f" (did you mean {match[0][2:]}?)" if match else ""
+            hints.append(f"{yaml_file}:{yaml_lines[u[2:]]}: unknown key {u[2:]!r}{hint}")
+        else:
+            hints.append(f"{u} (did you mean {match[0]}?)" if match else u)
+    raise UsageError(f"unknown option(s): {', '.join(hints)}")
+
+
+def _yaml_key_lines(path: str) -> dict[str, int]:
+    """The line (1-based) of each top-level key of a YAML config."""
+    import re
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return {}
+    found = {}
+    for number, line in enumerate(lines, 1):
+        if m := re.match(r"^([A-Za-z_][\w.-]*)\s*:", line):
+            found.setdefault(m.group(1), number)
+    return found
+
+
+def yaml_file_of(argv: list[str]) -> str | None:
+    """The YAML config an argv starts with (`asft train config.yaml --flag ...`), if any."""
+    return argv[0] if argv and argv[0].endswith((".yaml", ".yml")) else None
 
 
 def dataclass_parser(dataclasses: tuple, prog: str):

@@ -11,7 +11,7 @@ from ..rl.args import ALGORITHMS, RLArguments, check_rl_args
 from ..rl.start import load_problems, load_start, resolve_start
 from ..rl.trainer import build_trainer, describe
 from ..training.checkpoints import check_output_dir, resolve_resume, resuming_line
-from .args import argv_with_yaml, check_known_flags, dataclass_parser, stopped_message
+from .args import argv_with_yaml, check_known_flags, dataclass_parser, stopped_message, yaml_file_of
 
 
 def _parser():
@@ -28,9 +28,10 @@ def parse_rl_args(argv: list[str]):
     """(RLArguments, GRPOConfig) from a YAML file and/or flags; the algorithm preset fills what is not given."""
     import argparse
 
+    yaml_file = yaml_file_of(argv)
     argv = argv_with_yaml(argv)
     parser = _parser()
-    check_known_flags(argv, parser)
+    check_known_flags(argv, parser, yaml_file)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--algorithm", default="dapo")
     algorithm = pre.parse_known_args(argv)[0].algorithm

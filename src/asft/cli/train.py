@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..evaluation.callback import TaskEvalArguments
 from ..io import METRICS_FILE
 from ..training.checkpoints import check_output_dir, check_resume, clear_run, dataset_fingerprint, resolve_resume
-from .args import argv_with_yaml, check_known_flags, dataclass_parser, given, stopped_message
+from .args import argv_with_yaml, check_known_flags, dataclass_parser, given, stopped_message, yaml_file_of
 
 
 @dataclass
@@ -94,10 +94,11 @@ def _parser():
 
 def parse_train_args(argv: list[str]):
     """Parse `asft train` arguments (YAML first, flags override) into (ScriptArguments, AnchoredSFTConfig)."""
+    yaml_file = yaml_file_of(argv)
     argv = argv_with_yaml(argv)
     _check_spellings(argv)
     parser = _parser()
-    check_known_flags(argv, parser)
+    check_known_flags(argv, parser, yaml_file)
     # `report_to` defaults to "none" here: nothing is sent to a tracking service unless asked.
     if not any(a.split("=")[0] == "--report_to" for a in argv):
         argv += ["--report_to", "none"]
@@ -284,6 +285,7 @@ def main(argv: list[str]) -> int:
             on_bad_rows=script.on_bad_rows,
         )
     print(f"Data: {len(train_ds)} training examples" + (f", {len(eval_ds)} held-out" if eval_ds else ""))
+    _check_run_length(config, len(train_ds))
     base_model = base_model_record(script.model_name_or_path)
     if resume is not None:  # the checkpoint must come from this data, model and settings
         identity = {"data_fingerprint": dataset_fingerprint(train_ds), "base_model": base_model}
@@ -327,6 +329,29 @@ def main(argv: list[str]) -> int:
         tokenizer.save_pretrained(config.output_dir)
         summarize_run(trainer, metrics, "LoRA adapter" if script.use_lora else "model")
     return 0
+
+
+def _check_run_length(config, examples: int) -> None:
+    """Say when the batch is larger than the data, and refuse a run whose every step is at learning rate 0 (one
+    step inside the warmup): it would train nothing and say it trained."""
+    import math
+
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
+    if examples < per_step:
+        print(
+            f"Warning: {examples} training examples, fewer than one optimizer step takes ({per_step} = "
+            "per_device_train_batch_size x gradient_accumulation_steps x processes): each epoch is one step "
+            f"on {examples} examples",
+            flush=True,
+        )
+    steps = (
+        config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * max(1, examples // per_step))
+    )
+    if steps == 1 and config.get_warmup_steps(steps) >= 1:
+        raise UsageError(
+            "warmup_steps: the run has 1 optimizer step and it is the warmup's first, at learning rate 0 (it would "
+            "train nothing); lower --warmup_steps or --global_batch_size, or train longer"
+        )
 
 
 def summarize_run(trainer, metrics: dict, kind: str) -> None:

@@ -15,9 +15,9 @@ from trl import SFTTrainer
 
 from ..cache import CachedReference, ExampleIndexCollator, check_prepared, open_for_training
 from ..cache.store import EXAMPLE_COLUMN
-from ..errors import TrainingDivergedError
+from ..errors import DataError, TrainingDivergedError
 from ..fused import fused_token_loss, lm_head_of
-from ..io import write_text
+from ..io import IGNORE_INDEX, write_text
 from ..models import DTYPES
 from ..objectives import token_loss, uses_kl
 from ..version import __version__
@@ -78,6 +78,7 @@ class AnchoredSFTTrainer(SFTTrainer):
         if not isinstance(args, AnchoredSFTConfig):
             raise TypeError("args must be an AnchoredSFTConfig")
         self.reference_cache = None
+        check_trainable_rows(kwargs.get("train_dataset"))
         self.data_fingerprint = dataset_fingerprint(kwargs.get("train_dataset"))
         if args.reference_cache:  # checked against the data before anything is prepared or computed
             self.reference_cache, kwargs = open_for_training(args, ref_model, kwargs, model)
@@ -270,6 +271,21 @@ class AnchoredSFTTrainer(SFTTrainer):
         if not self.is_world_process_zero():
             return
         write_text(Path(self.args.output_dir) / "README.md", model_card(self, model_name))
+
+
+def check_trainable_rows(dataset) -> None:
+    """The rows `asft train` refuses are refused here too (the Python API): an empty completion, or a tokenized
+    example with no response token, would train on nothing but the EOS (or on nothing at all)."""
+    columns = getattr(dataset, "column_names", None) or []
+    where = "train_dataset"
+    if "completion" in columns:
+        for i, completion in enumerate(dataset["completion"]):
+            if isinstance(completion, str) and not completion.strip():
+                raise DataError(where, i + 1, "completion", "empty: nothing to train on")
+    if "labels" in columns:
+        for i, labels in enumerate(dataset["labels"]):
+            if labels is not None and all(label == IGNORE_INDEX for label in labels):
+                raise DataError(where, i + 1, "labels", "every label is -100: no response token to train on")
 
 
 def kl_phrase(direction: str) -> str:
