@@ -65,7 +65,7 @@ def test_auto_template_follows_the_tokenizer(tokenizer):
     "rows,line,field",
     [
         ([{"instruction": "a", "response": "b"}, '{"instruction": "a", "response": '], 2, None),
-        ([{"instruction": "a", "response": "b"}, {"instruction": "a"}], 2, "response"),  # the missing field is named
+        ([{"instruction": "a", "response": "b"}, {"instruction": "a"}], 2, "response or output"),  # either is accepted
         ([{"instruction": "a", "output": "b"}, {"output": "b"}], 2, "instruction"),
         ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], 2, "completion"),
         (

@@ -82,7 +82,7 @@ class ScriptArguments(TaskEvalArguments):
     )
     accept_changed_settings: bool = field(
         default=False,
-        metadata={"help": "Resume even though the objective, kl_weight or learning rate differ from the checkpoint's."},
+        metadata={"help": "Resume even though the data, base model, objective or length differ from the checkpoint's."},
     )
 
 
