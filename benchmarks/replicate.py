@@ -42,6 +42,7 @@ SRC = HERE.parent / "src"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(SRC))
 
+from asft.training.config import SETTING_MODES  # noqa: E402
 from reasoning_task import INSTRUCTION, write_task  # noqa: E402
 
 MODES = ("sft", "dft", "sft_kl", "asft", "iw_sft")
@@ -174,8 +175,7 @@ def train(mode: str, base: str, paths: dict, out: Path, s: dict) -> float:
         "--overwrite_output_dir",
         "--mode",
         mode,
-        "--kl_weight",
-        str(s["kl_weight"]),
+        *(["--kl_weight", str(s["kl_weight"])] if mode in SETTING_MODES["kl_weight"] else []),  # others refuse it
         "--monitor_kl",
         "true",
         "--max_steps",

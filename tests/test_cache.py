@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -380,7 +381,7 @@ def test_a_cache_of_other_data_or_settings_is_refused_before_training(
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_an_interrupted_build_continues_into_an_identical_cache(built, tiny_model_dir, tmp_path, monkeypatch):
+def test_an_interrupted_build_continues_into_an_identical_cache(built, tiny_model_dir, tmp_path, monkeypatch, capsys):
     import asft.cache
 
     argv = build_argv(tiny_model_dir, built["data"], tmp_path / "cut", 10_000, "--dtype", "float32")
@@ -396,14 +397,18 @@ def test_an_interrupted_build_continues_into_an_identical_cache(built, tiny_mode
         return write_shard(out, index, *a)
 
     monkeypatch.setattr(asft.cache.store, "_write_shard", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(argv)
+    assert main(argv) == 130  # one line: the finished shards are kept
     assert not (tmp_path / "cut" / "manifest.json").exists()
     with pytest.raises(Exception, match="unfinished build"):
         ReferenceCache(tmp_path / "cut")
     monkeypatch.setattr(asft.cache.store, "_write_shard", lambda *a: (calls.append(a[1]), write_shard(*a)))
+    capsys.readouterr()
     assert main(argv) == 0
     assert calls[2:] == [1, 2]  # shard 0 was not recomputed
+    assert "Built 2 shard(s) here, reused 1 already built" in capsys.readouterr().out
+    assert main(argv) == 0  # a complete cache: nothing to compute, and it says so
+    assert "already complete (3 shard(s) here): nothing computed" in capsys.readouterr().out
+    assert calls[4:] == []
     files = lambda root: {
         p.relative_to(root).as_posix(): p.read_bytes()  # noqa: E731
         for p in sorted(root.rglob("*"))
@@ -481,3 +486,24 @@ def test_the_trainer_checks_the_cache_itself(built, tokenizer, tmp_path):
     )
     with pytest.raises(CacheMismatchError, match=r"example 5: field .input_ids."):
         AnchoredSFTTrainer(build_model(tokenizer, seed=0), args=args, train_dataset=other, processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("damage", ["manifest", "truncated", "deleted"])
+def test_a_damaged_cache_is_one_line_naming_the_file_before_training(built, tiny_model_dir, tmp_path, capsys, damage):
+    cache = tmp_path / "cache"
+    shutil.copytree(built["full"], cache)
+    shard = sorted(p for p in cache.iterdir() if p.is_dir())[1]
+    if damage == "manifest":
+        bad = cache / "manifest.json"
+        bad.write_text(bad.read_text()[:50])
+    elif damage == "truncated":
+        bad = shard / "logp.npy"
+        bad.write_bytes(bad.read_bytes()[:200])
+    else:
+        bad = shard / "ids.npy"
+        bad.unlink()
+    out = tmp_path / "run"
+    assert main(train_argv(tiny_model_dir, built["data"], out, "--reference_cache", str(cache))) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "--overwrite" in err, err
+    assert not (out / "metrics.jsonl").exists()

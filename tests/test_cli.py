@@ -276,3 +276,145 @@ def test_unknown_model_offline_is_one_line(data_file, capsys):
         capsys, ["train", "--model_name_or_path", "nobody/no-such-model", "--data_path", str(data_file)]
     )
     assert "nobody/no-such-model" in err
+
+
+# ------------------------------------------------- issue 24: numbers refused before any model loads, in one place
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--max_steps", "0"], "max_steps"),
+        (["--max_steps", "-5", "--num_train_epochs", "0"], "max_steps"),
+        (["--num_train_epochs", "-1"], "num_train_epochs"),
+        (["--kl_weight", "nan"], "kl_weight"),
+        (["--kl_weight", "inf"], "kl_weight"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
+        (["--learning_rate", "-1"], "learning_rate"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+        (["--warmup_steps", "-1"], "warmup_steps"),
+        (["--bf16", "--fp16"], "bf16"),
+        (["--use_lora", "--lora_r", "0"], "lora_r"),
+        (["--lora_dropout", "1.5"], "lora_dropout"),
+    ],
+)
+def test_train_numbers_out_of_range_are_one_line_before_loading(tmp_path, capsys, flags, field):
+    # The model does not exist: a check that ran after the model load would say so instead.
+    argv = train_cmd(tmp_path / "no-model", tmp_path / "no.jsonl", tmp_path / "out", *flags)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: --{field}" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["rl", "--model_name_or_path", "m", "--data_path", "d", "--num_generations", "0"], "num_generations"),
+        (
+            ["rl", "--model_name_or_path", "m", "--data_path", "d", "--max_completion_length", "0"],
+            "max_completion_length",
+        ),
+        (
+            ["cache-reference", "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", "--top_k", "0"],
+            "top_k",
+        ),
+        (["cache-reference", "--model_name_or_path", "m", "--batch_size", "0"], "batch_size"),
+        (
+            ["eval", "--task", "math", "--model", "m", "--data", "d", "--output_dir", "o", "--num_samples", "0"],
+            "num_samples",
+        ),
+        (
+            ["eval", "--task", "math", "--model", "m", "--data", "d", "--output_dir", "o", "--temperature", "nan"],
+            "temperature",
+        ),
+    ],
+)
+def test_every_command_checks_its_numbers(capsys, argv, field):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: --{field}:" in err, err
+
+
+def test_merge_lora_with_a_missing_base_is_one_line(tiny_model_dir, data_file, tmp_path, capsys):
+    lora = tmp_path / "lora"
+    assert main(train_args(tiny_model_dir, data_file, lora, "--mode", "sft", "--use_lora")) == 0
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "merge-lora",
+                "--base_model_path",
+                "nope",
+                "--lora_model_path",
+                str(lora),
+                "--output_dir",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 2
+    )
+    assert "base_model_path: nope" in capsys.readouterr().err
+
+
+def test_output_dir_that_is_a_file_names_the_flag(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("x")
+    assert main(train_args(tiny_model_dir, data_file, out, "--mode", "sft")) == 2
+    assert "output_dir:" in capsys.readouterr().err
+
+
+# ------------------------------------------------- issue 24: conflicting or ignored flags are errors naming both
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--global_batch_size", "16", "--gradient_accumulation_steps", "2"], "gradient_accumulation_steps"),
+        (["--mode", "sft", "--reference_cache", "c/"], "reference_cache: mode 'sft'"),
+        (["--mode", "sft", "--kl_weight", "0.5"], "kl_weight: mode 'sft'"),
+        (["--mode", "asft", "--iw_level", "token"], "iw_level: mode 'asft'"),
+        (["--mode", "iw_sft", "--iw_level", "token", "--iw_max", "5"], "iw_max: --iw_level token"),
+        (["--use_lora", "false", "--lora_r", "64"], "lora_r: only used with --use_lora"),
+    ],
+)
+def test_conflicting_or_ignored_flags_are_refused(flags, expected):
+    with pytest.raises(ConfigError, match=expected):
+        parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o", *flags])
+
+
+def test_token_level_iw_sft_does_not_print_iw_max(tiny_model_dir, data_file, tmp_path, capsys):
+    assert main(train_args(tiny_model_dir, data_file, tmp_path / "o", "--mode", "iw_sft", "--iw_level", "token")) == 0
+    printed = capsys.readouterr().out
+    assert "token-level weights (ratio clamped to [0.2, 1.8])" in printed and "iw_max" not in printed
+
+
+# ---------------------------------------------------------------------------------------- issue 24, item 10
+
+
+def test_a_yaml_typo_names_the_file_and_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("mode: asft\n# a comment\nkl_wieght: 0.05\n")
+    with pytest.raises(ConfigError, match=rf"{config}:3: unknown key 'kl_wieght' \(did you mean kl_weight\?\)"):
+        parse_train_args([str(config), "--model_name_or_path", "m", "--data_path", "d"])
+
+
+def test_a_run_whose_only_step_is_at_lr_0_is_refused(tiny_model_dir, data_file, tmp_path, capsys):
+    # The shipped examples (global batch 256, warmup 0.1) on a small file: one step, the warmup's first.
+    flags = ["--global_batch_size", "256", "--warmup_steps", "0.1", "--num_train_epochs", "1"]
+    argv = train_cmd(tiny_model_dir, data_file, tmp_path / "o", "--per_device_train_batch_size", "4", *flags)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "fewer than one optimizer step takes (256" in captured.out
+    assert "warmup_steps: the run has 1 optimizer step" in captured.err
+
+
+def test_warnings_are_one_line_without_source(tiny_model_dir, data_file, tmp_path):
+    import subprocess
+    import sys
+
+    argv = train_args(tiny_model_dir, data_file, tmp_path / "o", "--mode", "asft", "--kl_weight", "0")
+    run = subprocess.run([sys.executable, "-m", "asft.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (line,) = [x for x in run.stderr.splitlines() if "kl_weight=0" in x]
+    assert line.startswith("UserWarning: kl_weight=0 makes mode 'asft' equal to dft")
+    assert "warnings.warn(" not in run.stderr

@@ -65,7 +65,7 @@ def test_auto_template_follows_the_tokenizer(tokenizer):
     "rows,line,field",
     [
         ([{"instruction": "a", "response": "b"}, '{"instruction": "a", "response": '], 2, None),
-        ([{"instruction": "a", "response": "b"}, {"instruction": "a"}], 2, "response"),  # the missing field is named
+        ([{"instruction": "a", "response": "b"}, {"instruction": "a"}], 2, "response or output"),  # either is accepted
         ([{"instruction": "a", "output": "b"}, {"output": "b"}], 2, "instruction"),
         ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], 2, "completion"),
         (
@@ -129,3 +129,22 @@ def test_missing_file_and_json_array(tokenizer, tmp_path):
     with pytest.raises(DataError) as err:
         load_examples(str(f))
     assert err.value.line == 2
+
+
+def test_row_errors_name_the_accepted_field_and_a_null(tmp_path):
+    import json
+
+    from asft.data import DataError, load_examples
+
+    def error(rows):
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(DataError) as err:
+            examples, _ = load_examples(str(path), "error")
+        return str(err.value)
+
+    assert "field 'response or output': missing" in error([{"instruction": "a", "output": "b"}, {"instruction": "a"}])
+    null = error([{"instruction": "a", "response": "b"}, {"instruction": "a", "response": None}])
+    assert "field 'response': null; expected a string" in null
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}]
+    assert "field 'messages[1].content': null; expected a string" in error([{"messages": turns}])

@@ -298,3 +298,22 @@ def test_marks_and_percentiles(tokenizer):
 def test_data_errors_keep_their_type(tmp_path):
     with pytest.raises(DataError):
         load_examples(str(tmp_path))  # a folder is not a data file
+
+
+# ---------------------------------------------------------------------------------------- issue 24, item 10
+
+
+@pytest.mark.parametrize("name", ["out.parquet", "out.json", "out.jsonl"])
+def test_convert_writes_the_format_its_name_says(tmp_path, name):
+    source = write(tmp_path / "in.jsonl", SINGLE)
+    out = tmp_path / name
+    assert main(["convert", str(source), str(out), "--to", "messages"]) == 0
+    assert len(load_examples(str(out))[0]) == 2  # read back by the loader, as its suffix says
+    if name.endswith(".parquet"):
+        assert out.read_bytes()[:4] == b"PAR1"
+
+
+def test_inspect_refuses_a_negative_show(tokenizer_dir, tmp_path, capsys):
+    source = write(tmp_path / "d.jsonl", SINGLE)
+    assert main(["inspect", str(source), "--model", str(tokenizer_dir), "--show", "-1"]) == 2
+    assert "--show: must be >= 0" in capsys.readouterr().err

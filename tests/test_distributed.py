@@ -30,10 +30,10 @@ from asft.errors import ConfigError
 
 MODES = {  # DFT's weight pi(y) ~ 1/V on a random model makes asft's step ~V times smaller: a larger lr moves it
     "sft": ["--mode", "sft", "--learning_rate", "0.5"],
-    "asft": ["--mode", "asft", "--learning_rate", "20"],
-    "lora": ["--mode", "asft", "--learning_rate", "20", "--use_lora", "--lora_dropout", "0"],
+    "asft": ["--mode", "asft", "--learning_rate", "20", "--kl_weight", "0.5"],
+    "lora": ["--mode", "asft", "--learning_rate", "20", "--kl_weight", "0.5", "--use_lora", "--lora_dropout", "0"],
     # The cached reference with k = V (float32): no reference model; must train exactly as asft does.
-    "cached": ["--mode", "asft", "--learning_rate", "20", "--reference_cache", "CACHE"],
+    "cached": ["--mode", "asft", "--learning_rate", "20", "--kl_weight", "0.5", "--reference_cache", "CACHE"],
 }
 
 WORKER = r'''
@@ -189,8 +189,6 @@ def _train_argv(model_dir, data, out, batch):
         "0",
         "--lr_scheduler_type",
         "constant",
-        "--kl_weight",
-        "0.5",
         "--save_strategy",
         "no",
         "--logging_steps",

@@ -192,3 +192,14 @@ def test_report_format(tmp_path):
     table = markdown_table(more).splitlines()
     assert table[0] == "| dataset | metric | value | n | pass@1 | pass@4 |"
     assert table[2] == "| m | avg@4 | 0.2500 | 8 | 0.1250 | 0.5000 |"
+
+
+def test_small_values_keep_their_significant_digits():
+    from asft.evaluation.report import markdown_table
+
+    report = {
+        "datasets": {"d": {"metric": "kl", "value": 7.9e-06, "n": 3}},
+        "macro_average": {"metric": "kl", "value": 7.9e-06, "n_datasets": 1},
+    }
+    table = markdown_table(report)
+    assert "7.9e-06" in table and "0.0000" not in table

@@ -472,3 +472,9 @@ def test_generation_stops_at_the_stop_sequence(tmp_path):
     assert raw.count("return") == 1 and raw.startswith("\treturn 7\nif")
     row = json.loads((out / "predictions.jsonl").read_text())
     assert (row["completion"], row["passed"]) == ("\treturn 7", True)
+
+
+def test_a_k_beyond_the_samples_is_refused_not_dropped(files, tmp_path, capsys):
+    argv = ["--task", "code", "--model", "m", "--data", str(files["humaneval"]), "--output_dir", str(tmp_path / "o")]
+    assert main([*argv, "--k", "1,10", "--num_samples", "2", "--temperature", "1"]) == 2
+    assert "--k: pass@10 needs that many samples per problem; --num_samples is 2" in capsys.readouterr().err

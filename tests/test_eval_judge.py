@@ -234,3 +234,13 @@ def test_without_judge_then_refused_judge(server, answers_7, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "answered HTTP 401" in err and KEY not in err
     assert json.loads((out / "model_outputs.json").read_text())[0]["output"] == "7"
+
+
+def test_a_judge_run_where_every_judgment_failed_exits_non_zero(server, answers_7, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "alpaca_eval.json"
+    data.write_text(json.dumps([{"instruction": "FAIL this", "output": "x", "generator": "g", "dataset": "koala"}]))
+    monkeypatch.setenv("MY_JUDGE_KEY", KEY)
+    argv = f"--model {answers_7} --task judge --data {data} --output_dir {tmp_path / 'out'} --max_new_tokens 4"
+    argv += f" --judge_base_url {url(server)} --judge_model judge-1 --judge_api_key_env MY_JUDGE_KEY"
+    assert main([*argv.split(), "--judge_max_retries", "0", "--judge_retry_delay", "0.001"]) == 1
+    assert "every item failed (judge); nothing was scored" in capsys.readouterr().err

@@ -227,3 +227,15 @@ def test_probs_histogram_counts_every_response_token(runs, tiny_model_dir, tmp_p
         == 0
     )
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_run_keeps_its_colour_in_panels_other_runs_did_not_log(tmp_path):
+    from asft.reporting import RunInfo
+
+    a = RunInfo(tmp_path / "a", "a", {}, [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}])
+    b = RunInfo(tmp_path / "b", "b", {}, [{"step": 1, "loss": 2.0, "kl": 0.1}, {"step": 2, "loss": 1.0, "kl": 0.2}])
+    fig = plot_metrics([a, b], ["loss", "kl"])
+    loss_panel, kl_panel = fig.get_axes()
+    colour = {line.get_label(): line.get_color() for line in loss_panel.get_lines()}
+    assert colour["a"] != colour["b"]
+    assert [(line.get_label(), line.get_color()) for line in kl_panel.get_lines()] == [("b", colour["b"])]

@@ -3,6 +3,8 @@ a LoRA start, and one-line errors."""
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -129,7 +131,7 @@ def problems(tmp_path_factory):
     return path
 
 
-def rl_args(model, data, out, *extra, reward=("--reward", "math")):
+def rl_args(model, data, out, *extra, reward=("--reward", "math"), reward_funcs_off=False):
     return [
         "--model_name_or_path",
         str(model),
@@ -138,8 +140,7 @@ def rl_args(model, data, out, *extra, reward=("--reward", "math")):
         "--output_dir",
         str(out),
         *reward,
-        "--reward_funcs",
-        "test_rl:length_reward",
+        *([] if reward_funcs_off else ["--reward_funcs", "test_rl:length_reward"]),
         "--num_generations",
         "4",
         "--per_device_train_batch_size",
@@ -475,3 +476,38 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir, problems
     finally:
         os.chdir(Path(__file__).parent)
     assert max(r["step"] for r in records(out)) == step + 1
+
+
+def test_use_vllm_without_vllm_is_one_line(tiny_model_dir, problems, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM can run here")
+    assert main(["rl", *rl_args(tiny_model_dir, problems, tmp_path / "o", "--use_vllm")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use_vllm: needs" in err[0], err
+
+
+def test_rl_finishes_as_train_does(tiny_model_dir, problems, tmp_path, capsys):
+    """Usage line, bare booleans, no FutureWarning, a summary, 'Resuming from', no number for an undefined metric,
+    and a run `asft compare` reads (mode, learning rate, reward)."""
+    assert main(["rl", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: asft rl")
+    out = tmp_path / "rl"
+    # The math reward never fires on the random model: every group is flat, dynamic sampling drops them all.
+    extra = ["--algorithm", "dapo", "--max_steps", "2", "--save_steps", "1", "--bf16", "--monitor_kl", "false"]
+    argv = ["rl", *rl_args(tiny_model_dir, problems, out, *extra, reward_funcs_off=True)]
+    run = subprocess.run([sys.executable, "-m", "asft.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Done: 2 steps in" in run.stdout and "final step: reward" in run.stdout
+    assert "FutureWarning" not in run.stderr, run.stderr
+    for rec in records(out):
+        assert rec["dynamic_sampling/dropped_groups_frac"] == 1.0
+        assert "entropy" not in rec and not any(k.startswith("clip_ratio/") for k in rec), rec
+    shutil.rmtree(out / "checkpoint-2")
+    argv = rl_args(tiny_model_dir, problems, out, *extra, "--resume_from_checkpoint", "last", reward_funcs_off=True)
+    assert main(["rl", *argv]) == 0
+    assert "Resuming from checkpoint-1 (step 1 of 2)" in capsys.readouterr().out
+    assert main(["compare", str(out), "--output_dir", str(tmp_path / "cmp")]) == 0
+    (row,) = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"]
+    assert row["mode"] == "rl:dapo" and row["learning_rate"] == 1e-3 and row["final"]["reward"] == -1.0

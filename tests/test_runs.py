@@ -81,6 +81,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, data_file, tmp_path):
                 "sft",
                 "--resume_from_checkpoint",
                 "last",
+                "--accept_changed_settings",  # a shorter run than the stopped one's 100000 steps
             )
         )
         == 0
@@ -172,3 +173,151 @@ def test_truncating_metrics_keeps_lines_it_cannot_read(tmp_path):
     path.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 2}\nnot json\n{"step": 3}\n')
     assert truncate_metrics(path, 1) == 2
     assert path.read_text() == '{"step": 1, "loss": 1}\nnot json\n'
+
+
+# ------------------------------------------------------------------ issue 24: a run folder holds one run
+
+
+@pytest.fixture(scope="module")
+def other_data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("other") / "b.jsonl"
+    rows = [{"instruction": f"double {a}", "response": f"{2 * a}"} for a in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_overwrite_clears_the_old_run_and_resume_refuses_other_data(
+    tiny_model_dir, data_file, other_data_file, tmp_path, capsys
+):
+    out = tmp_path / "ow"
+    common = ["--mode", "sft", "--save_steps", "1"]
+    assert main(args_for(tiny_model_dir, data_file, out, *common, "--max_steps", "3")) == 0
+    (out / "notes.txt").write_text("mine")  # not asft's: kept
+    assert (
+        main(args_for(tiny_model_dir, other_data_file, out, *common, "--max_steps", "2", "--overwrite_output_dir")) == 0
+    )
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "nll" in r] == [
+        1,
+        2,
+    ]
+    capsys.readouterr()
+    # The old run's checkpoint-3 is gone, and a checkpoint of other data or length is refused.
+    shutil.rmtree(out / "checkpoint-2")
+    cmd = args_for(tiny_model_dir, data_file, out, *common, "--max_steps", "2", "--resume_from_checkpoint", "last")
+    assert main(cmd) == 2
+    assert "data_fingerprint" in capsys.readouterr().err
+    longer = ["--max_steps", "3", "--resume_from_checkpoint", "last"]
+    assert main(args_for(tiny_model_dir, other_data_file, out, *common, *longer)) == 2
+    assert "max_steps: 2 -> 3" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "done"
+    extra = ["--mode", "sft", "--save_steps", "1", "--max_steps", "1"]
+    assert main(args_for(tiny_model_dir, data_file, out, *extra)) == 0
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(args_for(tiny_model_dir, data_file, out, *extra, "--resume_from_checkpoint", "last")) == 0
+    printed = capsys.readouterr().out
+    assert "finished the run (step 1 of 1): nothing to do" in printed and "Done" not in printed
+    assert (out / "model.safetensors").read_bytes() == before
+    assert not (out / "checkpoint-2").exists()
+
+
+def test_a_stop_signal_after_the_last_step_saves_the_final_model(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    import os
+
+    from asft.training.callbacks import GracefulStopCallback
+
+    original = GracefulStopCallback.on_step_end
+
+    def signal_at_the_last_step(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled (by the callback) before the next line runs
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(GracefulStopCallback, "on_step_end", signal_at_the_last_step)
+    out = tmp_path / "late"
+    assert main(args_for(tiny_model_dir, data_file, out, "--mode", "sft", "--max_steps", "2", "--save_steps", "5")) == 0
+    assert (out / "model.safetensors").exists() and (out / "all_results.json").exists()
+
+
+def test_adapters_record_an_absolute_base_and_a_missing_base_names_the_flag(
+    tiny_model_dir, data_file, tmp_path, monkeypatch
+):
+    from asft.errors import ModelLoadError
+    from asft.models import load_model
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir, work / "tiny")
+    monkeypatch.chdir(work)
+    extra = ["--mode", "sft", "--max_steps", "1", "--use_lora", "--save_strategy", "no"]
+    assert main(train_cmd("tiny", data_file, "lora", *extra)) == 0
+    base = str((work / "tiny").resolve())
+    assert json.loads((work / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    assert json.loads((work / "lora" / "asft_run.json").read_text())["base_model"] == base
+    assert f"`{base}`" in (work / "lora" / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    load_model(str(work / "lora"))  # from another directory
+    shutil.rmtree(work / "tiny")
+    with pytest.raises(ModelLoadError, match="--base_model"):
+        load_model(str(work / "lora"))
+
+
+def test_an_interrupt_while_loading_is_one_line(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    import asft.models
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(asft.models, "load_model", interrupted)
+    assert main(args_for(tiny_model_dir, data_file, tmp_path / "o", "--mode", "sft", "--max_steps", "1")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted; stopped before training began" in err[0], err
+
+
+def test_a_second_stop_signal_stops_at_once_naming_the_last_checkpoint(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    from asft.errors import StoppedWithoutCheckpoint
+    from asft.training.callbacks import GracefulStopCallback
+
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    stopper = GracefulStopCallback(last_checkpoint)
+    stopper.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), None, None)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stopper.signum == signal.SIGINT
+        with pytest.raises(
+            StoppedWithoutCheckpoint, match="stopping without a checkpoint; the last checkpoint is .*checkpoint-4"
+        ):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stopper.on_train_end(None, None, None)
+
+
+def test_the_summary_after_a_resume_covers_the_whole_run(tiny_model_dir, data_file, tmp_path, capsys):
+    extra = ["--max_steps", "6", "--save_steps", "3", "--mode", "sft"]
+    straight = tmp_path / "straight"
+    assert main(args_for(tiny_model_dir, data_file, straight, *extra)) == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copy(straight / "metrics.jsonl", resumed / "metrics.jsonl")
+    with (resumed / "metrics.jsonl").open("a") as f:  # the summary a run stopped at step 3 by SIGTERM writes
+        f.write(json.dumps({"step": 3, "train_runtime": 1.0, "train_loss": 9.0}) + "\n")
+    capsys.readouterr()
+    assert main(args_for(tiny_model_dir, data_file, resumed, *extra, "--resume_from_checkpoint", "last")) == 0
+    assert "Done: 6 steps" in capsys.readouterr().out
+    a, b = (json.loads((run / "all_results.json").read_text()) for run in (straight, resumed))
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    assert b["train_response_tokens"] == a["train_response_tokens"]
+    assert b["train_runtime"] > json.loads((straight / "checkpoint-3" / "asft_totals.json").read_text())["runtime"]
+    summaries = [
+        r for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines()) if "train_runtime" in r
+    ]
+    assert len(summaries) == 1 and summaries[0]["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)

@@ -162,3 +162,17 @@ def test_config_rejects_bad_values():
         with pytest.raises(ConfigError, match=field):
             AnchoredSFTConfig(output_dir="unused", **kwargs)
     assert AnchoredSFTConfig(output_dir="unused", mode="sft+kl").mode == "sft_kl"
+
+
+def test_the_python_api_refuses_an_empty_completion_as_the_cli_does(tokenizer, tmp_path):
+    from asft.errors import DataError
+
+    rows = [{"prompt": "what is 2 + 2", "completion": "4"}, {"prompt": "and 3 + 3", "completion": " "}]
+    args = AnchoredSFTConfig(output_dir=str(tmp_path / "o"), mode="sft", report_to="none", use_cpu=True)
+    with pytest.raises(DataError, match="train_dataset:2: field 'completion': empty"):
+        AnchoredSFTTrainer(
+            build_model(tokenizer),
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )

@@ -49,6 +49,10 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the term that went bad."""
 
 
+class StoppedWithoutCheckpoint(KeyboardInterrupt):
+    """A second stop signal while a run was stopping: it stops at once; the message names the last checkpoint."""
+
+
 class JudgeFailure(Exception):
     """One judgment could not be obtained (retries exhausted, or a non-retryable reply)."""
 

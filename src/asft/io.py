@@ -62,3 +62,13 @@ def write_jsonl(path: str | Path, rows: Iterable[dict], *, overwrite: bool = Fal
         f.flush()
         os.fsync(f.fileno())
     return count
+
+
+def write_parquet(path: str | Path, rows: list[dict], *, overwrite: bool = False) -> int:
+    """Write rows as a parquet file, atomically; return how many."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(path, overwrite) as tmp:
+        pq.write_table(pa.Table.from_pylist(list(rows)), tmp)
+    return len(rows)

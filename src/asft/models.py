@@ -56,7 +56,9 @@ def resolve_model_path(name: str, trust_remote_code: bool = False) -> str:
     if path.exists():
         if not path.is_dir() or not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
             raise ModelLoadError(f"model: {path} is not a model folder (no config.json or adapter_config.json)")
-        return str(path)
+        # Absolute: it is what transformers records as the model's name (adapter_config.json's base model,
+        # asft_run.json, the model card), which must still find the folder from another directory.
+        return str(path.resolve())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model: {name} does not exist (neither a folder, a .gguf file nor a hub id)")
     return name  # a hub id: transformers reports offline / unknown-model errors itself
@@ -101,11 +103,41 @@ def adapter_base(path: str | os.PathLike) -> str:
     return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
+def base_model_record(name: str) -> str:
+    """How a run records the model it started from: an absolute path for a local folder or file, else (a hub id,
+    embedded:...) the name as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def _adapter_base_path(path: str, base_model: str | None, trust_remote_code: bool) -> str:
+    """The base an adapter applies to; a recorded base that is not there says so and names --base_model."""
+    if base_model:
+        return resolve_model_path(base_model, trust_remote_code)
+    recorded = adapter_base(path)
+    try:
+        resolved = resolve_model_path(recorded, trust_remote_code)
+    except ModelLoadError:
+        resolved = None
+    if resolved is None or (not Path(resolved).exists() and not _looks_like_hub_id(recorded)):
+        raise ModelLoadError(
+            f"model: the adapter {path} was trained on the base model {recorded}, which is not here; pass "
+            "--base_model PATH_OR_HUB_ID (the base it was trained on)"
+        )
+    return resolved
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    # An adapter trained by asft records a local base as an absolute path: a relative name that is not a folder
+    # here is only a hub id when it has the hub's owner/name form.
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def tokenizer_source(path: str, base_model: str | None = None, trust_remote_code: bool = False) -> str:
     """Where a model's tokenizer is: an adapter folder usually carries the one it was trained with; else its base's."""
     path = resolve_model_path(path, trust_remote_code)
     if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").exists():
-        return resolve_model_path(base_model or adapter_base(path), trust_remote_code)
+        return _adapter_base_path(path, base_model, trust_remote_code)
     return path
 
 
@@ -141,9 +173,19 @@ def load_model(
     if is_adapter_dir(path):
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_model or adapter_base(path)), **kwargs)
+        base_path = _adapter_base_path(path, base_model, trust_remote_code)
+        try:
+            base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        except OSError as e:  # an unknown hub id, or any hub id offline: one line naming the base and the flag
+            raise ModelLoadError(
+                f"model: cannot load the base model {base_path} of the adapter {path}: "
+                f"{str(e).strip().splitlines()[0]}. Pass --base_model PATH_OR_HUB_ID"
+            ) from None
         return PeftModel.from_pretrained(base, path).eval()
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    except OSError as e:  # an unknown hub id, or any hub id offline: one line, not transformers' traceback
+        raise ModelLoadError(f"model: cannot load {path}: {str(e).strip().splitlines()[0]}") from None
 
 
 def resolve_device(device: str | None) -> str:
@@ -256,6 +298,11 @@ def merge_lora(
         raise FileExistsError(f"output_dir: {out} is not empty; pass --overwrite_output_dir to replace it")
     if not is_adapter_dir(lora_model_path):
         raise ModelLoadError(f"lora_model_path: {lora_model_path} has no adapter_config.json")
+    if not Path(base_model_path).expanduser().exists() and not _looks_like_hub_id(base_model_path):
+        if base_model_path not in (EMBEDDED_MODEL, "embedded", "smollm2"):
+            raise ModelLoadError(
+                f"base_model_path: {base_model_path} is neither a model folder, a .gguf file nor a hub id (owner/name)"
+            )
     model = load_model(lora_model_path, dtype=dtype, base_model=base_model_path, trust_remote_code=trust_remote_code)
     merged = model.merge_and_unload()
     tokenizer = load_tokenizer(lora_model_path, trust_remote_code, base_model=base_model_path)

@@ -153,6 +153,15 @@ def _pyplot():
     return plt
 
 
+def run_color(index: int) -> str:
+    """The colour of the index-th run in every panel (matplotlib's default cycle; beyond 10 runs, a tab20 colour)."""
+    if index < 10:
+        return f"C{index}"
+    import matplotlib
+
+    return matplotlib.colors.to_hex(matplotlib.colormaps["tab20"](index % 20))
+
+
 def plot_metrics(
     runs: list[RunInfo], metrics: list[str] | None = None, output: str | Path | None = None, smooth_n: int = 1
 ):
@@ -173,13 +182,14 @@ def plot_metrics(
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, metrics):
-        for run in runs:
+        for i, run in enumerate(runs):
             steps, values = series(run.records, key)
             if steps:
                 ax.plot(
                     steps,
                     smooth(values, smooth_n),
                     label=run.label,
+                    color=run_color(i),  # by run, not by line: a panel some runs did not log keeps the colours
                     marker="o" if len(steps) < 12 else None,
                     markersize=3,
                 )
@@ -352,14 +362,18 @@ def collect(paths: list[str | Path]) -> list[RunInfo]:
     return runs + extra
 
 
+# The final terms `asft compare` tabulates: training's, then an RL run's rewards.
+FINAL_TERMS = (*TERMS[:7], "reward", "accuracy")
+
+
 def _final_terms(run: RunInfo) -> dict[str, float]:
-    return {k: series(run.records, k)[1][-1] for k in TERMS[:7] if series(run.records, k)[0]}
+    return {k: series(run.records, k)[1][-1] for k in FINAL_TERMS if series(run.records, k)[0]}
 
 
 def comparison(rows: list[RunInfo]) -> dict:
     """The comparison as data: one entry per row (config, final terms, results) and the best row per result."""
     result_keys = list(dict.fromkeys(k for r in rows for k in r.results))
-    term_keys = [k for k in TERMS[:7] if any(k in _final_terms(r) for r in rows)]
+    term_keys = [k for k in FINAL_TERMS if any(k in _final_terms(r) for r in rows)]
     entries = []
     for r in rows:
         c, lora = r.config, r.config.get("lora")

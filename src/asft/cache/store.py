@@ -258,11 +258,8 @@ def build_cache(
     out = Path(output_dir)
     for stale in out.glob(f".shard-*.tmp-{os.getpid()}"):
         shutil.rmtree(stale, ignore_errors=True)
-    todo = [
-        (i, span)
-        for i, span in enumerate(_shards(plan))
-        if i % world_size == rank and not (out / shard_name(i)).is_dir()
-    ]
+    mine = [(i, span) for i, span in enumerate(_shards(plan)) if i % world_size == rank]
+    todo = [(i, span) for i, span in mine if not (out / shard_name(i)).is_dir()]
     tokens = plan["examples"]["tokens"]
     total = sum(sum(tokens[s:e]) for _, (s, e) in todo)
     from tqdm.auto import tqdm
@@ -286,7 +283,13 @@ def build_cache(
             on_shard(index)
     bar.close()
     seconds = time.perf_counter() - start
-    return {"shards": len(todo), "tokens": done, "seconds": seconds, "tokens_per_s": done / seconds if seconds else 0}
+    return {
+        "shards": len(todo),
+        "reused": len(mine) - len(todo),  # shards an interrupted build (or a complete cache) already held
+        "tokens": done,
+        "seconds": seconds,
+        "tokens_per_s": done / seconds if seconds else 0,
+    }
 
 
 def finish_cache(output_dir: str | Path, plan: dict) -> dict:
@@ -313,6 +316,19 @@ def finish_cache(output_dir: str | Path, plan: dict) -> dict:
     return manifest
 
 
+def _open_array(file: Path) -> np.ndarray:
+    """One shard array, memory-mapped; a missing or damaged file is one line naming it and what to do."""
+    try:
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        problem = "is missing"
+    except (ValueError, OSError) as e:  # a cut file: "mmap length is greater than file size", a bad header
+        problem = f"is damaged ({e})"
+    raise ConfigError(
+        f"reference_cache: {file} {problem}; rebuild the cache: asft cache-reference ... --overwrite"
+    ) from None
+
+
 class ReferenceCache:
     """A finished cache, read memory-mapped: `rows(examples)` gives the CachedRows of those examples, concatenated."""
 
@@ -326,14 +342,25 @@ class ReferenceCache:
                 else "no reference cache"
             )
             raise ConfigError(f"reference_cache: {self.path} holds {what}")
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+        rebuild = "rebuild it: asft cache-reference ... --overwrite"
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"reference_cache: {manifest} is damaged (not valid JSON: {e}); {rebuild}") from None
+        if not isinstance(self.manifest, dict) or (
+            self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION
+        ):
             raise ConfigError(f"reference_cache: {self.path} is not an {FORMAT} v{VERSION}")
-        self.fingerprints = self.manifest["examples"]["fingerprint"]
-        self.origins = self.manifest["examples"]["origin"]
-        self.tokens = self.manifest["examples"]["tokens"]
-        self._first = np.array([s["first"] for s in self.manifest["shards"]])
+        try:
+            self.fingerprints = self.manifest["examples"]["fingerprint"]
+            self.origins = self.manifest["examples"]["origin"]
+            self.tokens = self.manifest["examples"]["tokens"]
+            self._first = np.array([s["first"] for s in self.manifest["shards"]])
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"reference_cache: {manifest} is damaged (no {e}); {rebuild}") from None
         self._open: dict[int, dict[str, np.ndarray]] = {}
+        for i in range(len(self.manifest["shards"])):  # a missing or cut shard fails here, not at step 0
+            self._shard(i)
 
     def __len__(self) -> int:
         return len(self.fingerprints)
@@ -346,8 +373,7 @@ class ReferenceCache:
         if i not in self._open:
             folder = self.path / self.manifest["shards"][i]["name"]
             self._open[i] = {
-                name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-                for name in ("ids", "logp", "tail", "label", "offsets")
+                name: _open_array(folder / f"{name}.npy") for name in ("ids", "logp", "tail", "label", "offsets")
             }
         return self._open[i]
 

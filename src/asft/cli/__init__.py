@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
-from ..errors import ConfigError, DataError, ModelLoadError, TrainingDivergedError
-from .args import quiet_cpu_noise
+from ..errors import ConfigError, DataError, ModelLoadError, StoppedWithoutCheckpoint, TrainingDivergedError
 
 USAGE = """usage: asft COMMAND [ARGS]
 
@@ -43,6 +43,20 @@ COMMANDS = {
 }
 
 
+# What an interrupt outside a run's graceful stop (which explains itself) leaves, by command.
+INTERRUPTED = {
+    "train": "stopped before training began (nothing was trained): run the same command again",
+    "rl": "stopped before training began (nothing was trained): run the same command again",
+    "cache-reference": "the finished shards are kept: run the same command again to continue the build",
+    None: "run the same command again",
+}
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line ("UserWarning: ..."), without the Python source line that raised it."""
+    return f"{category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--local_rank="):  # the deepspeed launcher puts it before our command
@@ -51,16 +65,24 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command in ("train", "quickstart", "eval", "rl", "cache-reference"):
-        quiet_cpu_noise()
+    warnings.formatwarning = _one_line_warning
     if command not in COMMANDS:
         print(f"asft: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module, function = COMMANDS[command]
-    command_main = getattr(importlib.import_module(f"{__name__}.{module}"), function)
+    try:  # from the first heavy import on: a Ctrl-C while importing or loading is one line, not a traceback
+        if command in ("train", "quickstart", "eval", "rl", "cache-reference"):
+            from .args import quiet_cpu_noise
 
-    try:
+            quiet_cpu_noise()
+        command_main = getattr(importlib.import_module(f"{__name__}.{module}"), function)
         return command_main(rest)
+    except StoppedWithoutCheckpoint as e:  # a second Ctrl-C while a run was stopping
+        print(f"asft {command}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # not inside a run's graceful stop: imports, data or model loading, a cache build
+        print(f"asft {command}: interrupted; {INTERRUPTED.get(command, INTERRUPTED[None])}", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, ModelLoadError, FileExistsError) as e:
         # Our own validation errors (data file:line:field, config values, model paths): one clear line.
         print(f"asft {command}: error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..models import check_backend
+from .args import check_numbers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,15 +96,14 @@ def inspect(path: str) -> int:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    check_numbers(vars(args))
+    if args.top_k < 1:
+        raise ConfigError(f"--top_k: must be >= 1, got {args.top_k}")
     if args.inspect:
         return inspect(args.inspect)
     for name in ("model_name_or_path", "data_path", "output_dir"):
         if not getattr(args, name):
             raise ConfigError(f"--{name} is required (or --inspect CACHE)")
-    if args.model_max_length is not None and args.model_max_length < 2:
-        raise ConfigError(f"model_max_length: must be >= 2, got {args.model_max_length}")
-    if args.batch_size < 1:
-        raise ConfigError(f"batch_size: must be >= 1, got {args.batch_size}")
     check_backend(args.backend)
 
     import torch
@@ -185,10 +185,14 @@ def main(argv: list[str]) -> int:
         rank=state.process_index,
         world_size=state.num_processes,
     )
-    log(
-        f"Built {stats['shards']} shard(s) here: {stats['tokens']} tokens in {stats['seconds']:.1f} s "
-        f"({stats['tokens_per_s']:.0f} tokens/s on this process)"
-    )
+    if stats["shards"] == 0:
+        log(f"The cache in {out} is already complete ({stats['reused']} shard(s) here): nothing computed")
+    else:
+        reused = f", reused {stats['reused']} already built" if stats["reused"] else ""
+        log(
+            f"Built {stats['shards']} shard(s) here{reused}: {stats['tokens']} tokens in {stats['seconds']:.1f} s "
+            f"({stats['tokens_per_s']:.0f} tokens/s on this process)"
+        )
     state.wait_for_everyone()
     if main_process:
         finish_cache(out, plan)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import math
 import os
 import re
@@ -26,6 +27,8 @@ from ..data import (
     write_jsonl,
 )
 from ..errors import ConfigError, DownloadError
+from ..io import write_parquet
+from .args import check_numbers
 
 PAPER_DATASET = "chichi56/ASFT"
 PAPER_FILES = (
@@ -199,7 +202,13 @@ def convert(args) -> int:
     if not rows:
         raise DataError(args.input, None, None, f"no example can be written as {args.to}")
     _report_skipped(skipped)
-    write_jsonl(out, rows, overwrite=args.overwrite)
+    if out.suffix == ".parquet":  # the format its name says
+        write_parquet(out, rows, overwrite=args.overwrite)
+    elif out.suffix == ".json":
+        with atomic_path(out, args.overwrite) as tmp:
+            tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
+    else:
+        write_jsonl(out, rows, overwrite=args.overwrite)
     print(f"Wrote {len(rows)} {args.to} rows to {out}")
     return 0
 
@@ -374,7 +383,9 @@ def _parser() -> argparse.ArgumentParser:
         "other keys of a row are not carried over. OUT is written atomically.",
     )
     c.add_argument("input", metavar="IN", help="JSONL / JSON / parquet file, or several comma-separated")
-    c.add_argument("output", metavar="OUT", help="JSONL file to write")
+    c.add_argument(
+        "output", metavar="OUT", help="file to write, in the format its name says: .jsonl, .json or .parquet"
+    )
     c.add_argument("--to", required=True, choices=FORMATS, help="target format")
     c.add_argument("--on_bad_rows", **bad_rows)
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
@@ -424,6 +435,7 @@ def main(argv: list[str]) -> int:
         parser.print_help()
         return 0
     try:
+        check_numbers(vars(args))
         return COMMANDS[args.command](args)
     except (DataError, ConfigError, DownloadError, OSError) as e:
         # Our own errors and the file system's (exists, permission, disk full): one line, no traceback.

@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from ..models import resolve_model_path
+    from ..objectives import normalize_mode
+    from ..training.config import SETTING_MODES
     from .train import main as train
 
     start = time.time()
@@ -153,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             str(model_dir),
             "--mode",
             args.mode,
-            "--kl_weight",
-            "0.05",
+            *(["--kl_weight", "0.05"] if normalize_mode(args.mode) in SETTING_MODES["kl_weight"] else []),
             "--max_steps",
             str(args.max_steps),
             "--per_device_train_batch_size",

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import UsageError
-from ..io import METRICS_FILE
+from ..io import METRICS_FILE, RUN_FILE, write_json
 from ..rl.args import ALGORITHMS, RLArguments, check_rl_args
 from ..rl.start import load_problems, load_start, resolve_start
 from ..rl.trainer import build_trainer, describe
-from ..training.checkpoints import check_output_dir, resolve_resume
-from .args import argv_with_yaml, check_known_flags, dataclass_parser, stopped_message
+from ..training.checkpoints import check_output_dir, resolve_resume, resuming_line
+from .args import argv_with_yaml, check_known_flags, dataclass_parser, stopped_message, yaml_file_of
 
 
 def _parser():
@@ -29,9 +28,10 @@ def parse_rl_args(argv: list[str]):
     """(RLArguments, GRPOConfig) from a YAML file and/or flags; the algorithm preset fills what is not given."""
     import argparse
 
+    yaml_file = yaml_file_of(argv)
     argv = argv_with_yaml(argv)
     parser = _parser()
-    check_known_flags(argv, parser)
+    check_known_flags(argv, parser, yaml_file)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--algorithm", default="dapo")
     algorithm = pre.parse_known_args(argv)[0].algorithm
@@ -56,6 +56,8 @@ def prepare(argv: list[str]):
     script, config = parse_rl_args(argv)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     check_output_dir(config.output_dir, script.overwrite_output_dir, resume is not None)
+    if resume is not None:
+        print(resuming_line(resume, config.max_steps if config.max_steps > 0 else None), flush=True)
 
     from ..models import load_tokenizer
     from ..rl.rewards import load_user_reward
@@ -73,8 +75,8 @@ def prepare(argv: list[str]):
     trainer = build_trainer(script, config, model, tokenizer, dataset, peft_config)
     if trainer.is_world_process_zero():
         print(describe(script, config, trainer, reference, template), flush=True)
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.output_dir) / "rl_args.json").write_text(json.dumps(asdict(script), indent=2) + "\n")
+        write_json(Path(config.output_dir) / "rl_args.json", asdict(script))
+        write_json(Path(config.output_dir) / RUN_FILE, run_description(script, config, trainer), indent=1)
     return trainer, script, config, resume
 
 
@@ -83,7 +85,7 @@ def main(argv: list[str]) -> int:
         _parser().print_help()
         return 0
     trainer, script, config, resume = prepare(argv)
-    trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     _report_reward_failures(trainer)
     if trainer.stopper.signum is not None:
         print(stopped_message(trainer.state.global_step, config.output_dir), flush=True)
@@ -92,12 +94,43 @@ def main(argv: list[str]) -> int:
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(config.output_dir)
         is_peft = hasattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config")
+        print(summary(trainer, result.metrics), flush=True)
         print(
             f"Saved the RL-trained {'adapter' if is_peft else 'model'} to {config.output_dir}; per-step metrics "
             f"in {Path(config.output_dir) / METRICS_FILE}",
             flush=True,
         )
     return 0
+
+
+def summary(trainer, metrics: dict) -> str:
+    """The end-of-run line, as train's: steps, time, and the last step's reward terms."""
+    last = next((r for r in reversed(trainer.state.log_history) if "reward" in r), {})
+    terms = ", ".join(
+        f"{k} {last[k]:.4g}"
+        for k in ("reward", "reward_std", "accuracy", "kl", "entropy", "completions/mean_length")
+        if isinstance(last.get(k), (int, float))
+    )
+    runtime = metrics.get("train_runtime", 0.0)
+    return f"Done: {trainer.state.global_step} steps in {runtime:.1f} s; final step: {terms or '-'}"
+
+
+def run_description(script, config, trainer) -> dict:
+    """asft_run.json of an RL run: what `asft compare` tabulates (the mode is the algorithm)."""
+    lora = None
+    peft_config = getattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config", None)
+    if isinstance(peft_config, dict) and peft_config:
+        c = next(iter(peft_config.values()))
+        lora = {"r": c.r, "alpha": c.lora_alpha, "dropout": c.lora_dropout}
+    return {
+        "mode": f"rl:{script.algorithm}",
+        "learning_rate": config.learning_rate,
+        "beta": config.beta,
+        "max_steps": config.max_steps,
+        "lora": lora,
+        "model": script.model_name_or_path,
+        "rewards": list(trainer.reward_func_names),
+    }
 
 
 def _report_reward_failures(trainer) -> None:

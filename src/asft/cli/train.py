@@ -10,8 +10,8 @@ from pathlib import Path
 from ..errors import UsageError
 from ..evaluation.callback import TaskEvalArguments
 from ..io import METRICS_FILE
-from ..training.checkpoints import check_output_dir, check_resume, resolve_resume
-from .args import argv_with_yaml, check_known_flags, dataclass_parser, given, stopped_message
+from ..training.checkpoints import check_output_dir, check_resume, clear_run, dataset_fingerprint, resolve_resume
+from .args import argv_with_yaml, check_known_flags, dataclass_parser, given, stopped_message, yaml_file_of
 
 
 @dataclass
@@ -82,7 +82,7 @@ class ScriptArguments(TaskEvalArguments):
     )
     accept_changed_settings: bool = field(
         default=False,
-        metadata={"help": "Resume even though the objective, kl_weight or learning rate differ from the checkpoint's."},
+        metadata={"help": "Resume even though the data, base model, objective or length differ from the checkpoint's."},
     )
 
 
@@ -94,10 +94,11 @@ def _parser():
 
 def parse_train_args(argv: list[str]):
     """Parse `asft train` arguments (YAML first, flags override) into (ScriptArguments, AnchoredSFTConfig)."""
+    yaml_file = yaml_file_of(argv)
     argv = argv_with_yaml(argv)
     _check_spellings(argv)
     parser = _parser()
-    check_known_flags(argv, parser)
+    check_known_flags(argv, parser, yaml_file)
     # `report_to` defaults to "none" here: nothing is sent to a tracking service unless asked.
     if not any(a.split("=")[0] == "--report_to" for a in argv):
         argv += ["--report_to", "none"]
@@ -111,11 +112,26 @@ def parse_train_args(argv: list[str]):
             raise UsageError(f"model_max_length: must be >= 2, got {script.model_max_length}")
         config.max_length = script.model_max_length
     _check_training_flags(script, config)
-    if config.needs_reference is False and config.reference_model_path:
-        raise UsageError(f"reference_model_path: mode {config.mode!r} uses no reference")
+    _check_ignored_flags(argv, script, config)
+    for name in ("reference_model_path", "reference_cache"):
+        if config.needs_reference is False and getattr(config, name):
+            raise UsageError(f"{name}: mode {config.mode!r} uses no reference (pass --monitor_kl to log the KL)")
     if script.use_lora and config.reference_model_path:
         raise UsageError("reference_model_path: under --use_lora the reference is the adapter-disabled base")
     return script, config
+
+
+def _check_ignored_flags(argv: list[str], script, config) -> None:
+    """A flag the chosen objective (or a LoRA-less run) would ignore is an error naming both, not silence."""
+    from ..training.config import ignored_settings
+
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    ignored = ignored_settings(config, names)
+    if not script.use_lora:
+        lora = sorted(n for n in names if n.startswith("lora_"))
+        ignored += [f"{n}: only used with --use_lora" for n in lora]
+    if ignored:
+        raise UsageError("; ".join(ignored))
 
 
 def _check_spellings(argv: list[str]) -> None:
@@ -202,6 +218,10 @@ def _derived_flags(argv: list[str]) -> list[str]:
     if args.deepspeed_config:
         flags += ["--deepspeed", resolve_preset(args.deepspeed_config, "deepspeed", "deepspeed_config")]
     if args.global_batch_size is not None:
+        if given(argv, "--gradient_accumulation_steps"):
+            raise UsageError(
+                "global_batch_size: conflicts with --gradient_accumulation_steps (it sets the accumulation); give one"
+            )
         per_step = args.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
         if args.global_batch_size < per_step or args.global_batch_size % per_step:
             raise UsageError(
@@ -221,11 +241,18 @@ def main(argv: list[str]) -> int:
         print(f"No --output_dir given: the run goes to {Path(config.output_dir).resolve()}", flush=True)
     resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     check_output_dir(config.output_dir, script.overwrite_output_dir, resume is not None)
-    if resume is not None:
-        check_resume(resume, config, script.accept_changed_settings)
+    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
+        raise UsageError(f"output_dir: {config.output_dir} is a file, not a folder")
 
     from ..data import build_dataset
-    from ..models import check_lora_targets, load_model, load_tokenizer, lora_config, resolve_model_path
+    from ..models import (
+        base_model_record,
+        check_lora_targets,
+        load_model,
+        load_tokenizer,
+        lora_config,
+        resolve_model_path,
+    )
 
     model_path = resolve_model_path(script.model_name_or_path, config.trust_remote_code)
     if script.use_lora:
@@ -258,11 +285,19 @@ def main(argv: list[str]) -> int:
             on_bad_rows=script.on_bad_rows,
         )
     print(f"Data: {len(train_ds)} training examples" + (f", {len(eval_ds)} held-out" if eval_ds else ""))
+    _check_run_length(config, len(train_ds))
+    base_model = base_model_record(script.model_name_or_path)
+    if resume is not None:  # the checkpoint must come from this data, model and settings
+        identity = {"data_fingerprint": dataset_fingerprint(train_ds), "base_model": base_model}
+        if check_resume(resume, config, script.accept_changed_settings, identity):
+            return 0  # a finished run: nothing is trained, nothing is overwritten
 
     from ..training.trainer import AnchoredSFTTrainer
 
     model = load_model(model_path, dtype=script.model_dtype, trust_remote_code=config.trust_remote_code)
     model.train()
+    if script.overwrite_output_dir and resume is None and (gone := clear_run(config.output_dir)):
+        print(f"--overwrite_output_dir: removed the previous run's {len(gone)} file(s) and checkpoint(s)", flush=True)
     peft_config = None
     if script.use_lora:
         peft_config = lora_config(script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules)
@@ -274,14 +309,17 @@ def main(argv: list[str]) -> int:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    trainer.base_model_name = script.model_name_or_path
+    trainer.base_model_name = base_model
     if task_eval is not None:
         trainer.add_callback(task_eval.attach(trainer))
     describe_run(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
-    if trainer.stopper.signum is not None:
+    finished = trainer.state.max_steps > 0 and trainer.state.global_step >= trainer.state.max_steps
+    if trainer.stopper.signum is not None and not finished:
         print(stopped_message(trainer.state.global_step, config.output_dir), flush=True)
         return 128 + trainer.stopper.signum
+    if trainer.stopper.signum is not None:  # the signal came after the last step: the run is complete, save it
+        print("The stop signal came after the last step: saving the final model", flush=True)
     trainer.save_model(config.output_dir)
     metrics = {**result.metrics, "train_response_tokens": trainer.response_tokens}
     trainer.save_metrics("train", metrics)  # train_results.json and all_results.json, as transformers' examples
@@ -291,6 +329,29 @@ def main(argv: list[str]) -> int:
         tokenizer.save_pretrained(config.output_dir)
         summarize_run(trainer, metrics, "LoRA adapter" if script.use_lora else "model")
     return 0
+
+
+def _check_run_length(config, examples: int) -> None:
+    """Say when the batch is larger than the data, and refuse a run whose every step is at learning rate 0 (one
+    step inside the warmup): it would train nothing and say it trained."""
+    import math
+
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
+    if examples < per_step:
+        print(
+            f"Warning: {examples} training examples, fewer than one optimizer step takes ({per_step} = "
+            "per_device_train_batch_size x gradient_accumulation_steps x processes): each epoch is one step "
+            f"on {examples} examples",
+            flush=True,
+        )
+    steps = (
+        config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * max(1, examples // per_step))
+    )
+    if steps == 1 and config.get_warmup_steps(steps) >= 1:
+        raise UsageError(
+            "warmup_steps: the run has 1 optimizer step and it is the warmup's first, at learning rate 0 (it would "
+            "train nothing); lower --warmup_steps or --global_batch_size, or train longer"
+        )
 
 
 def summarize_run(trainer, metrics: dict, kind: str) -> None:
@@ -321,8 +382,10 @@ def describe_run(trainer) -> None:
     line = f"Objective: {a.mode}"
     if a.mode in ("sft_kl", "asft"):
         line += f" with kl_weight={a.kl_weight} x {kl_phrase(a.kl_direction)} [{a.kl_direction}]"
-    if a.mode == "iw_sft":
-        line += f" with {a.iw_level}-level weights, iw_max={a.iw_max}"
+    if a.mode == "iw_sft" and a.iw_level == "token":
+        line += " with token-level weights (ratio clamped to [0.2, 1.8])"
+    elif a.mode == "iw_sft":
+        line += f" with sequence-level weights, iw_max={a.iw_max}"
     if a.monitor_kl and a.mode in ("sft", "dft"):
         line += f"; logging kl [{a.kl_direction}] (--monitor_kl; not in the loss)"
     if trainer.reference_cache is not None:

@@ -161,7 +161,7 @@ def detect_format(data: Any) -> str | None:
 def _text(row: Row, data: dict, field: str, *, required: bool = True, allow_empty: bool = False) -> str:
     if field not in data or data[field] is None:
         if required:
-            raise DataError(row.source, row.line, field, "missing")
+            raise DataError(row.source, row.line, field, "missing" if field not in data else "null; expected a string")
         return ""
     value = data[field]
     if not isinstance(value, str):
@@ -209,7 +209,11 @@ def _turns(row: Row, turns: Any, field: str, role_key: str, content_key: str, ro
                 row.source,
                 row.line,
                 f"{where}.{content_key}",
-                "missing" if content is None else f"expected a string, got {type(content).__name__}",
+                "missing"
+                if content_key not in turn
+                else "null; expected a string"
+                if content is None
+                else f"expected a string, got {type(content).__name__}",
             )
         out.append({"role": roles[role], "content": _encodable(row, f"{where}.{content_key}", content)})
     if not any(t["role"] == "assistant" and t["content"].strip() for t in out):
@@ -234,7 +238,7 @@ def to_example(row: Row, fmt: str) -> Example:
     if detect_format(data) != fmt:
         missing = next((f for f in REQUIRED_FIELDS[fmt] if not any(k in data for k in f.split("|"))), None)
         if missing:  # name the field, as every other row error does
-            name = missing.split("|")[0]
+            name = " or ".join(missing.split("|"))  # alpaca: 'response or output', either is accepted
             raise DataError(
                 row.source, row.line, name, f"missing (the file's format is {fmt!r}; this row has keys: {_keys(data)})"
             )

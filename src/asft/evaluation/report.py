@@ -63,7 +63,10 @@ def write_results(out_dir: Path, header: dict, results: list[DatasetResult]) -> 
 def _fmt(value) -> str:
     if value is None:
         return "-"
-    return str(value) if isinstance(value, int) else f"{value:.4f}"
+    if isinstance(value, int):
+        return str(value)
+    # Four decimals for scores, significant digits for small values (a KL of 7.9e-06 is not 0.0000).
+    return f"{value:.4g}" if value != 0 and abs(value) < 1e-3 else f"{value:.4f}"
 
 
 def _numeric(r: dict) -> dict:

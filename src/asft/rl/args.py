@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
+
+# transformers deprecates `gradient_checkpointing` (GRPOConfig's field, TRL's calls) in favour of
+# `activation_checkpointing`: raised on every `asft rl` call, about names a user does not choose.
+warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 ALGORITHMS = {
     # GRPO (DeepSeekMath): per-sequence mean, symmetric clipping, std-scaled group advantages, KL to the reference.
@@ -144,6 +149,15 @@ def check_rl_args(script: RLArguments, config) -> None:
         raise UsageError(f"beta: must be >= 0, got {config.beta}")
     if script.use_lora and script.merge_adapter:
         raise UsageError("use_lora: with --merge_adapter the merged model is trained in full; pick one")
+    if getattr(config, "use_vllm", False):  # as eval and cache-reference say it: one line, before any load
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("vllm") is None:
+            raise UsageError("use_vllm: needs the vllm package (pip install 'asft[vllm]') and a CUDA GPU")
+        if not torch.cuda.is_available():
+            raise UsageError("use_vllm: needs a CUDA GPU and none is visible")
 
 
 def dynamic_sampling_on(script: RLArguments) -> bool:

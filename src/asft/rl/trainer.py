@@ -44,7 +44,7 @@ class AsftGRPOTrainer(GRPOTrainer):
         self.signal_column = signal_column  # the correctness reward: what "no signal" is judged by
         self._gathered_rewards = None
         self.add_callback(MetricsFileCallback())
-        self.stopper = GracefulStopCallback()
+        self.stopper = GracefulStopCallback(last_checkpoint)
         self.add_callback(self.stopper)
 
     # TRL private override (read from trl 1.16.0, GRPOTrainer._tokenize_prompts): rendered prompts -> token ids.
@@ -134,6 +134,19 @@ class AsftGRPOTrainer(GRPOTrainer):
         loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
         out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         self._metrics["train"]["dynamic_sampling/dropped_groups_frac"].append(flat.float().mean().item())
+
+    # Metrics that average over the completions left in the loss: with every group dropped by dynamic sampling
+    # they are undefined (TRL would log 0.0). `kl` is one of them only when TRL computes it (beta > 0).
+    UNDEFINED_WHEN_ALL_DROPPED = ("entropy", "clip_ratio/")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        dropped = metrics.get("dynamic_sampling/dropped_groups_frac")
+        if dropped and all(frac == 1.0 for frac in dropped):
+            undefined = self.UNDEFINED_WHEN_ALL_DROPPED + (("kl",) if self.beta > 0 else ())
+            for key in [k for k in metrics if k.startswith(undefined)]:
+                del metrics[key]
+        super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..errors import StoppedWithoutCheckpoint
 from ..io import METRICS_FILE, RUN_FILE, write_json, write_text
+
+TOTALS_FILE = "asft_totals.json"  # in each checkpoint: what the run did up to it (a resumed run's summary adds it)
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -20,8 +24,8 @@ class MetricsFileCallback(TrainerCallback):
     """
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            truncate_metrics(Path(args.output_dir) / METRICS_FILE, state.global_step)
+        if state.is_world_process_zero:  # the summary of an earlier, stopped part goes too: a resume writes its own
+            truncate_metrics(Path(args.output_dir) / METRICS_FILE, state.global_step, drop_summaries=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -32,14 +36,16 @@ class MetricsFileCallback(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-def truncate_metrics(path: Path, step: int) -> int:
-    """Keep the records of metrics.jsonl up to `step` (and unreadable lines, never dropped); return how many went."""
+def truncate_metrics(path: Path, step: int, drop_summaries: bool = False) -> int:
+    """Keep the records of metrics.jsonl up to `step` (and unreadable lines, never dropped), without the end-of-run
+    summaries when `drop_summaries`; return how many went."""
     if not path.exists():
         return 0
     kept, dropped = [], 0
     for line in path.read_text().splitlines(keepends=True):
         try:
-            past = json.loads(line).get("step", 0) > step
+            record = json.loads(line)
+            past = record.get("step", 0) > step or (drop_summaries and "train_runtime" in record)
         except (ValueError, AttributeError, TypeError):
             past = False
         if past:
@@ -62,6 +68,8 @@ RUN_SETTINGS = (
     "learning_rate",
     "lr_scheduler_type",
     "weight_decay",
+    "max_steps",
+    "num_train_epochs",
 )
 
 
@@ -74,9 +82,12 @@ class RunSettingsCallback(TrainerCallback):
     objective's settings (a resume compares them), and what `asft compare` tabulates (LoRA, model, every
     training argument, tokens redacted by transformers' to_dict)."""
 
+    def __init__(self, identity=dict):
+        self.identity = identity  # () -> {"data_fingerprint": ..., "base_model": ...}: what else a resume must match
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
-            self.info = {**run_settings(args), **_run_description(args, model)}
+            self.info = {**run_settings(args), **self.identity(), **_run_description(args, model)}
             write_json(Path(args.output_dir) / RUN_FILE, self.info, indent=1)
 
     def on_save(self, args, state, control, **kwargs):
@@ -106,6 +117,43 @@ def _run_description(args, model) -> dict:
     }
 
 
+class RunTotalsCallback(TrainerCallback):
+    """Write `checkpoint-N/asft_totals.json`: steps, seconds, response tokens and the sum of the per-step losses up
+    to step N, so the summary of a resumed run covers the whole run (`trainer.prior_totals` holds the resumed
+    checkpoint's, `trainer.response_tokens` counts from them)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.loss_sum, self.last_logged = time.perf_counter(), 0.0, state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and "train_runtime" not in logs:
+            self.loss_sum += logs["loss"] * (state.global_step - self.last_logged)
+            self.last_logged = state.global_step
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            prior = self.trainer.prior_totals
+            totals = {
+                "steps": state.global_step,
+                "runtime": prior.get("runtime", 0.0) + time.perf_counter() - self.start,
+                "response_tokens": self.trainer.response_tokens,
+                "loss_sum": prior.get("loss_sum", 0.0) + self.loss_sum,
+            }
+            write_json(checkpoint / TOTALS_FILE, totals)
+
+
+def read_totals(checkpoint) -> dict:
+    """A checkpoint's totals (RunTotalsCallback); {} for a checkpoint written before them."""
+    try:
+        return json.loads((Path(checkpoint) / TOTALS_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 class ProgressTermsCallback(TrainerCallback):
     """Show the loss and the KL (where there is one) on the training progress bar."""
 
@@ -131,19 +179,22 @@ class ProgressTermsCallback(TrainerCallback):
 class GracefulStopCallback(TrainerCallback):
     """On SIGTERM / SIGINT, finish the current step, save a checkpoint and stop (no half-written state).
 
-    A second signal falls through to the previous handler (e.g. KeyboardInterrupt), for a user who insists.
+    A second signal stops at once (StoppedWithoutCheckpoint, a KeyboardInterrupt) naming the last checkpoint.
     """
 
-    def __init__(self):
+    def __init__(self, last_checkpoint=lambda output_dir: None):
         self.signum = None
         self._previous = {}
+        self._output_dir = None
+        self._last_checkpoint = last_checkpoint  # output_dir -> the newest complete checkpoint (checkpoints.py)
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
-            previous = self._previous.get(signum)
-            if callable(previous):
-                previous(signum, frame)
-            return
+        if self.signum is not None:  # the user insists: stop now, and say what is left
+            last = self._last_checkpoint(self._output_dir) if self._output_dir else None
+            raise StoppedWithoutCheckpoint(
+                f"{signal.Signals(signum).name} again: stopping without a checkpoint; the last checkpoint is "
+                + (f"{last} (continue with --resume_from_checkpoint last)" if last else "none (nothing was saved)")
+            )
         self.signum = signum
         print(
             f"\nReceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping.",
@@ -151,6 +202,7 @@ class GracefulStopCallback(TrainerCallback):
         )
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._output_dir = args.output_dir
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)

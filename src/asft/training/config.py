@@ -12,6 +12,22 @@ from ..objectives import IW_LEVELS, KL_DIRECTIONS, MODE_ALIASES, MODES, needs_re
 
 MODE_CHOICES = (*MODES, *[a for a in MODE_ALIASES if a == "sft+kl"])
 
+# The objective's settings and the modes that use them: `asft train` refuses one given for a mode outside its
+# entry (it would be silently ignored). A new mode or setting is one entry here.
+SETTING_MODES = {"kl_weight": ("sft_kl", "asft"), "iw_max": ("iw_sft",), "iw_level": ("iw_sft",)}
+
+
+def ignored_settings(config, given: set[str]) -> list[str]:
+    """The settings in `given` (names set by the user) that `config`'s objective does not use, each with why."""
+    ignored = [
+        f"{name}: mode {config.mode!r} does not use it (only {', '.join(modes)})"
+        for name, modes in SETTING_MODES.items()
+        if name in given and config.mode not in modes
+    ]
+    if "iw_max" in given and config.mode == "iw_sft" and config.iw_level == "token":
+        ignored.append("iw_max: --iw_level token clamps the ratio to [0.2, 1.8] and does not use it")
+    return ignored
+
 
 @dataclass
 class AnchoredSFTConfig(SFTConfig):

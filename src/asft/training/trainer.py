@@ -15,14 +15,21 @@ from trl import SFTTrainer
 
 from ..cache import CachedReference, ExampleIndexCollator, check_prepared, open_for_training
 from ..cache.store import EXAMPLE_COLUMN
-from ..errors import TrainingDivergedError
+from ..errors import DataError, TrainingDivergedError
 from ..fused import fused_token_loss, lm_head_of
-from ..io import write_text
+from ..io import IGNORE_INDEX, write_text
 from ..models import DTYPES
 from ..objectives import token_loss, uses_kl
 from ..version import __version__
-from .callbacks import GracefulStopCallback, MetricsFileCallback, ProgressTermsCallback, RunSettingsCallback
-from .checkpoints import last_checkpoint
+from .callbacks import (
+    GracefulStopCallback,
+    MetricsFileCallback,
+    ProgressTermsCallback,
+    RunSettingsCallback,
+    RunTotalsCallback,
+    read_totals,
+)
+from .checkpoints import dataset_fingerprint, last_checkpoint
 from .config import AnchoredSFTConfig
 from .reference import (
     AdapterDisabledReference,
@@ -71,6 +78,8 @@ class AnchoredSFTTrainer(SFTTrainer):
         if not isinstance(args, AnchoredSFTConfig):
             raise TypeError("args must be an AnchoredSFTConfig")
         self.reference_cache = None
+        check_trainable_rows(kwargs.get("train_dataset"))
+        self.data_fingerprint = dataset_fingerprint(kwargs.get("train_dataset"))
         if args.reference_cache:  # checked against the data before anything is prepared or computed
             self.reference_cache, kwargs = open_for_training(args, ref_model, kwargs, model)
         super().__init__(model, args=args, **kwargs)
@@ -78,13 +87,15 @@ class AnchoredSFTTrainer(SFTTrainer):
             check_prepared(self.reference_cache, self.train_dataset)
             self.data_collator = ExampleIndexCollator(self.data_collator)
         self.add_callback(MetricsFileCallback())
-        self.add_callback(RunSettingsCallback())
+        self.add_callback(RunSettingsCallback(self.run_identity))
         self.add_callback(ProgressTermsCallback(self))
-        self.response_tokens = 0.0  # trained response tokens, for the end-of-run tokens/s
+        self.add_callback(RunTotalsCallback(self))
+        self.response_tokens = 0.0  # trained response tokens (the whole run's after a resume), for tokens/s
+        self.prior_totals = {}  # what the run had done at the checkpoint it resumed from (RunTotalsCallback)
         self.base_model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or (
             model if isinstance(model, str) else None
         )
-        self.stopper = GracefulStopCallback()
+        self.stopper = GracefulStopCallback(last_checkpoint)
         self.add_callback(self.stopper)
         # Global normalisation: the loss divides by the step's response tokens itself, so the Trainer must count
         # them (num_items_in_batch) and must not divide by the accumulation steps again.
@@ -109,6 +120,35 @@ class AnchoredSFTTrainer(SFTTrainer):
         self.ref_model = None
         if args.needs_reference:
             self.reference = self._build_reference(unwrapped, ref_model)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """Trainer.train; after a resume, the summary (runtime, tokens, train_loss) covers the whole run."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = last_checkpoint(self.args.output_dir)
+        self.prior_totals = read_totals(checkpoint) if checkpoint else {}
+        self.response_tokens = self.prior_totals.get("response_tokens", 0.0)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _whole_run_summary(self, logs: dict) -> None:
+        """Turn the end-of-train metrics of this call into the whole run's (in place: they are also returned)."""
+        prior = self.prior_totals
+        if not prior or "train_runtime" not in logs:
+            return
+        steps_now = self.state.global_step - prior["steps"]
+        if "train_loss" in logs and self.state.global_step:
+            logs["train_loss"] = (prior["loss_sum"] + logs["train_loss"] * steps_now) / self.state.global_step
+        runtime = logs["train_runtime"] + prior["runtime"]
+        for key in ("train_samples_per_second", "train_steps_per_second"):
+            if key in logs and runtime:
+                logs[key] = round(
+                    logs[key] * logs["train_runtime"] / runtime * self.state.global_step / max(steps_now, 1), 3
+                )
+        logs["train_runtime"] = round(runtime, 4)
+
+    def run_identity(self) -> dict:
+        """What, besides the settings, a resume must match: the training examples and the base model."""
+        return {"data_fingerprint": self.data_fingerprint, "base_model": self.base_model_name}
 
     # ------------------------------------------------------------------------------------------- reference
 
@@ -208,6 +248,7 @@ class AnchoredSFTTrainer(SFTTrainer):
                 sums[key] += value * n
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._whole_run_summary(logs)
         split = "train" if self.model.training else "eval"
         sums = self._term_sums[split]
         if sums:
@@ -232,6 +273,21 @@ class AnchoredSFTTrainer(SFTTrainer):
         write_text(Path(self.args.output_dir) / "README.md", model_card(self, model_name))
 
 
+def check_trainable_rows(dataset) -> None:
+    """The rows `asft train` refuses are refused here too (the Python API): an empty completion, or a tokenized
+    example with no response token, would train on nothing but the EOS (or on nothing at all)."""
+    columns = getattr(dataset, "column_names", None) or []
+    where = "train_dataset"
+    if "completion" in columns:
+        for i, completion in enumerate(dataset["completion"]):
+            if isinstance(completion, str) and not completion.strip():
+                raise DataError(where, i + 1, "completion", "empty: nothing to train on")
+    if "labels" in columns:
+        for i, labels in enumerate(dataset["labels"]):
+            if labels is not None and all(label == IGNORE_INDEX for label in labels):
+                raise DataError(where, i + 1, "labels", "every label is -100: no response token to train on")
+
+
 def kl_phrase(direction: str) -> str:
     return "KL(reference || policy)" if direction == "forward" else "KL(policy || reference)"
 
@@ -242,7 +298,8 @@ def model_card(trainer, model_name=None) -> str:
     if uses_kl(a.mode):
         objective += f", kl_weight {a.kl_weight}, {kl_phrase(a.kl_direction)} ({a.kl_direction})"
     if a.mode == "iw_sft":
-        objective += f", {a.iw_level}-level weights, iw_max {a.iw_max}"
+        objective += ", token-level weights (clamped to [0.2, 1.8])" if a.iw_level == "token" else ""
+        objective += f", sequence-level weights, iw_max {a.iw_max}" if a.iw_level == "sequence" else ""
     base = trainer.base_model_name or "unknown"
     kind = "LoRA adapter" if trainer.is_peft else "full fine-tuning"
     lines = [
