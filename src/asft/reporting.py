@@ -264,6 +264,65 @@ def plot_probs(models: dict[str, list[float]], output: str | Path | None = None,
 # -------------------------------------------------------------------------------------------------- compare
 
 
+def spread(values: list[float]) -> dict:
+    """n, mean, sample standard deviation (0 for one value) and a 95% interval (Student's t) of seeds' values."""
+    vals = [float(v) for v in values if _is_number(v)]
+    n = len(vals)
+    if not n:
+        return {"n": 0, "mean": None, "std": None, "ci95": None}
+    mean = sum(vals) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    half = _T95.get(n - 1, 1.96) * std / math.sqrt(n) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std, "ci95": None if half is None else [mean - half, mean + half]}
+
+
+# Student's t, two-sided 95%, by degrees of freedom (beyond 30: the normal's 1.96).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_T95.update(
+    {
+        k: v
+        for k, v in zip(
+            range(11, 31),
+            (
+                2.201,
+                2.179,
+                2.160,
+                2.145,
+                2.131,
+                2.120,
+                2.110,
+                2.101,
+                2.093,
+                2.086,
+                2.080,
+                2.074,
+                2.069,
+                2.064,
+                2.060,
+                2.056,
+                2.052,
+                2.048,
+                2.045,
+                2.042,
+            ),
+        )
+    }
+)
+
+
+def separated(a: list[float], b: list[float]) -> str:
+    """Whether seeds' values of a exceed b's beyond their spread: "yes" (a higher), "no" (a lower) or "not
+    separated" (the difference of the means is no larger than the two standard deviations together, or a side has
+    fewer than two seeds)."""
+    sa, sb = spread(a), spread(b)
+    if sa["n"] < 2 or sb["n"] < 2:
+        return "not separated"
+    diff = sa["mean"] - sb["mean"]
+    if abs(diff) <= sa["std"] + sb["std"]:
+        return "not separated"
+    return "yes" if diff > 0 else "no"
+
+
 def _eval_dir_task(results: dict, path: Path) -> str:
     return results.get("task") or path.name
 
