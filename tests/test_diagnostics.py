@@ -139,3 +139,22 @@ def test_bin_table_on_a_constructed_case():
     assert empty[0]["tokens"] == 0 and empty[0]["after"]["x"] is None
     with pytest.raises(ValueError, match="not the same tokens"):
         dg.bin_table(base, {"x": base[:3]})
+
+
+def test_train_prints_the_prior_from_the_cache_in_a_p_weighted_mode(tiny_model_dir, data, tmp_path, capsys):
+    from conftest import train_cmd
+
+    cache = tmp_path / "cache"
+    argv = cli_args(
+        "cache-reference", "--disable_tqdm", model_name_or_path=tiny_model_dir, data_path=data, output_dir=cache
+    )
+    assert main([*argv, "--template", "alpaca"]) == 0
+    model = prior_json(capsys, data, "--model", tiny_model_dir)
+    for mode, shown in (("asft", True), ("sft_kl", False)):
+        capsys.readouterr()
+        cmd = train_cmd(tiny_model_dir, data, tmp_path / mode, mode=mode, max_steps=1, save_strategy="no")
+        assert main([*cmd, "--template", "alpaca", "--reference_cache", str(cache)]) == 0
+        out = capsys.readouterr().out
+        assert ("prior: mean p(y_t)" in out) == shown
+        if shown:
+            assert f"mean p(y_t) {model['mean_prob']:.3f}" in out and "--prior --reference_cache" in out

@@ -248,6 +248,19 @@ def prior_line(report: dict) -> str:
     )
 
 
+# The training modes whose per-token weight follows p(y_t) (the objective family adds its own when it lands).
+P_WEIGHTED_MODES = ("dft", "asft")
+
+
+def cache_prior_line(path) -> str:
+    """The one-line prior of a reference cache's training set (its exact label log-probs; no model, no data)."""
+    from .cache import ReferenceCache
+
+    probs = np.exp(ReferenceCache(path).label_logprobs())
+    scores = TokenScores(probs, np.zeros_like(probs), np.zeros(len(probs), dtype=np.int64), np.zeros(len(probs)))
+    return prior_line(prior_report(scores))
+
+
 def bin_table(base_probs, after_probs: dict[str, np.ndarray] | np.ndarray) -> list[dict]:
     """Response tokens binned by the base model's p(y_t); per bin the token count, the base's mean p and, for each
     trained model (aligned token by token with the base), its mean p (teacher forced) after training."""

@@ -248,6 +248,7 @@ def main(argv: list[str]) -> int:
         from ..cache import check_for_cli
 
         check_for_cli(config.reference_cache, train_ds, tokenizer, script.template, max_length)
+        _print_prior(config)
     eval_ds = None
     if script.eval_data_path:
         eval_ds = build_dataset(
@@ -291,6 +292,18 @@ def main(argv: list[str]) -> int:
         tokenizer.save_pretrained(config.output_dir)
         summarize_run(trainer, metrics, "LoRA adapter" if script.use_lora else "model")
     return 0
+
+
+def _print_prior(config) -> None:
+    """In a p-weighted mode, the prior of the training set from the cache's label log-probs (free: they are here)."""
+    from ..diagnostics import P_WEIGHTED_MODES, cache_prior_line
+
+    if str(getattr(config.mode, "value", config.mode)) in P_WEIGHTED_MODES:
+        print(
+            f"{cache_prior_line(config.reference_cache)}; the full diagnostic: asft data inspect DATA --model "
+            f"MODEL --prior --reference_cache {config.reference_cache}",
+            flush=True,
+        )
 
 
 def summarize_run(trainer, metrics: dict, kind: str) -> None:
