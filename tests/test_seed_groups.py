@@ -90,3 +90,31 @@ def test_compare_probs_by_bin(tiny_model_dir, tokenizer, tmp_path, capsys):
     assert all(set(b["after"]) == {"r0 (sft)", "r1 (sft)"} for b in bins)
     assert (out / "prob_bins.png").is_file()
     assert "Token probabilities by the base model's prior" in (out / "report.md").read_text()
+
+
+def test_replicate_claims_are_decided_against_the_seeds_spread():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import replicate
+
+    def runs(accs, task_kl, off_kl):
+        return [{"accuracy": a, "task_kl": task_kl, "offtask_kl": off_kl, "train_kl": None} for a in accs]
+
+    per_seed = {
+        "sft": runs([0.41, 0.47], 0.5, 0.3),
+        "dft": runs([0.01, 0.02], 0.6, 0.4),
+        "asft": runs([0.44, 0.45], 0.1, 0.1),
+    }
+    for r in per_seed["asft"][1:]:
+        r["task_kl"] = 0.12
+    rows = replicate.mean_rows(per_seed)
+    assert rows["sft"]["accuracy"] == pytest.approx(0.44)
+    assert rows["sft"]["accuracy_std"] == pytest.approx(statistics.stdev([0.41, 0.47]))
+    c = replicate.claims(rows, per_seed)
+    # asft 0.445 vs sft 0.44: within the seeds' spread -> never "yes"
+    assert c["claim_b"] == "not separated"
+    assert c["claim_a"] == "yes" and c["claim_c"] == "yes"
+    one = {k: v[:1] for k, v in per_seed.items()}
+    assert replicate.claims(replicate.mean_rows(one), one)["claim_b"] == "yes"  # one seed: the old yes / no
