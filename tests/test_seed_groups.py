@@ -118,3 +118,16 @@ def test_replicate_claims_are_decided_against_the_seeds_spread():
     assert c["claim_a"] == "yes" and c["claim_c"] == "yes"
     one = {k: v[:1] for k, v in per_seed.items()}
     assert replicate.claims(replicate.mean_rows(one), one)["claim_b"] == "yes"  # one seed: the old yes / no
+
+
+def test_plot_probs_with_several_models_draws_the_bins(tiny_model_dir, tokenizer, tmp_path, capsys):
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"add {i}", "response": f"{i} more"}) + "\n" for i in range(3)))
+    other = tmp_path / "other"
+    build_model(tokenizer, seed=9).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    out = tmp_path / "probs.png"
+    argv = ["plot", "--kind", "probs", str(tiny_model_dir), str(other), "--data", str(data), "--output", str(out)]
+    assert main(argv) == 0
+    assert out.is_file() and (tmp_path / "probs_bins.png").is_file()
+    assert "| [0, 0.1) |" in capsys.readouterr().out
