@@ -41,7 +41,8 @@ PREDICTIONS (committed before the first run of this script, full or --quick; dec
       on every task; in the [0.9, 1] bin every objective stays within 0.05 of the base.
   P7  sft_kl's accuracy is not separated from sft's, with a lower off-task KL; asft's off-task KL is the lowest.
   P8  sft->asft on the task where asft loses keeps sft's accuracy (not separated) at a lower off-task KL than sft.
-RESULTS: pending (the full study has not run yet: `PYTHONPATH=src python benchmarks/regimes.py`).
+RESULTS: pending (the full study has not run yet: `PYTHONPATH=src python benchmarks/regimes.py`). `--quick` ran
+the whole pipeline end to end in 762 s on 2 cores shared with other jobs (its numbers mean nothing).
 
 Output in --output_dir: tasks/<task>/ (train.jsonl, test.jsonl, cache/), runs/<task>/<objective>/seed-<s>/,
 regimes.md (mean +- std per task x objective), regimes.png (held-out accuracy against the diagnostic's share of
@@ -232,8 +233,8 @@ def train(start: str, data: Path, out: Path, flags: list[str], steps: int, seed:
         *["--model_name_or_path", start, "--data_path", str(data), "--output_dir", str(out), "--overwrite_output_dir"],
         *flags,
         *["--kl_weight", str(s["kl_weight"]), "--max_steps", str(steps), "--per_device_train_batch_size"],
-        *[str(s["batch"]), "--learning_rate", str(s["lr"]), "--lr_scheduler_type", "cosine", "--warmup_steps", "2"],
-        *["--seed", str(seed), *CPU_RUN, *extra],
+        *[str(s["batch"]), "--learning_rate", str(s["lr"]), "--lr_scheduler_type", "cosine", "--warmup_steps"],
+        *[str(min(2, steps // 4)), "--seed", str(seed), *CPU_RUN, *extra],
     )
     return time.time() - t
 
@@ -555,6 +556,7 @@ def main() -> int:
     print("\nAgainst sft, per task (yes: higher, no: lower, beyond the seeds' spread):")
     for t, c in claims.items():
         print(f"  {t}: " + ", ".join(f"{n} {v}" for n, v in c.items()))
+    print("SFT's plateau (held-out accuracy at half the budget against the full budget):")
     sft_half = {t: e["objectives"].get("sft", {}).get("accuracy_half_budget") for t, e in table.items()}
     for t, h in sft_half.items():
         if h and h["n"]:
