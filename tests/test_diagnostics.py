@@ -156,5 +156,7 @@ def test_train_prints_the_prior_from_the_cache_in_a_p_weighted_mode(tiny_model_d
         assert main([*cmd, "--template", "alpaca", "--reference_cache", str(cache)]) == 0
         out = capsys.readouterr().out
         assert ("prior: mean p(y_t)" in out) == shown
+        recorded = json.loads((tmp_path / mode / "asft_run.json").read_text())["data"]  # seed groups never mix data
+        assert recorded == {"data_path": str(data), "eval_data_path": None, "template": "alpaca"}
         if shown:
             assert f"mean p(y_t) {model['mean_prob']:.3f}" in out and "--prior --reference_cache" in out

@@ -11,9 +11,10 @@ from asft.reporting import collect, seed_groups, separated, spread
 from conftest import build_model
 
 
-def fake_run(path, *, seed, loss, acc, mode="sft", lr=1e-4, model="m"):
+def fake_run(path, *, seed, loss, acc, mode="sft", lr=1e-4, model="m", data="train.jsonl"):
     path.mkdir(parents=True)
     config = {"mode": mode, "learning_rate": lr, "kl_weight": 0.05, "lora": None, "model": model}
+    config["data"] = {"data_path": data, "eval_data_path": None, "template": "auto"}
     config["args"] = {"seed": seed, "output_dir": str(path), "logging_dir": str(path / "logs"), "learning_rate": lr}
     (path / "asft_run.json").write_text(json.dumps(config))
     (path / "metrics.jsonl").write_text(
@@ -48,9 +49,10 @@ def test_compare_groups_runs_that_differ_only_by_seed(tmp_path, capsys):
         fake_run(tmp_path / "asft-s0", seed=0, loss=1.0, acc=0.40, mode="asft"),
         fake_run(tmp_path / "asft-s1", seed=1, loss=1.5, acc=0.60, mode="asft"),
         fake_run(tmp_path / "sft-other-base", seed=1, loss=1.0, acc=0.40, model="other"),
+        fake_run(tmp_path / "sft-other-data", seed=1, loss=1.0, acc=0.40, data="other.jsonl"),
     ]
     groups = seed_groups(collect(runs))
-    assert sorted(g["n"] for g in groups) == [1, 1, 2, 3]
+    assert sorted(g["n"] for g in groups) == [1, 1, 1, 2, 3]
     [three] = [g for g in groups if g["n"] == 3]
     assert sorted(three["seeds"]) == [0, 1, 2]
     assert {p.split("/")[-1] for p in three["runs"]} == {"sft-s0", "sft-s1", "sft-s2"}
@@ -62,7 +64,7 @@ def test_compare_groups_runs_that_differ_only_by_seed(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["compare", *map(str, runs), "--output_dir", str(out)]) == 0
     data = json.loads((out / "comparison.json").read_text())
-    assert sorted(g["n"] for g in data["groups"]) == [1, 1, 2, 3]
+    assert sorted(g["n"] for g in data["groups"]) == [1, 1, 1, 2, 3]
     [g3] = [g for g in data["groups"] if g["n"] == 3]
     assert g3["metrics"]["medical:test accuracy"]["mean"] == pytest.approx(0.6)
     assert "## Seeds" in (out / "report.md").read_text()

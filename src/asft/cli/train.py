@@ -276,6 +276,12 @@ def main(argv: list[str]) -> int:
         peft_config=peft_config,
     )
     trainer.base_model_name = script.model_name_or_path
+    # what asft compare needs to tell runs apart beyond the training arguments (seed groups never mix data)
+    trainer.run_description["data"] = {
+        "data_path": script.data_path,
+        "eval_data_path": script.eval_data_path,
+        "template": script.template,
+    }
     if task_eval is not None:
         trainer.add_callback(task_eval.attach(trainer))
     describe_run(trainer)

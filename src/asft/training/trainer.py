@@ -78,7 +78,8 @@ class AnchoredSFTTrainer(SFTTrainer):
             check_prepared(self.reference_cache, self.train_dataset)
             self.data_collator = ExampleIndexCollator(self.data_collator)
         self.add_callback(MetricsFileCallback())
-        self.add_callback(RunSettingsCallback())
+        self.run_description: dict = {}  # written into asft_run.json beside the settings (the CLI puts the data here)
+        self.add_callback(RunSettingsCallback(self.run_description))
         self.add_callback(ProgressTermsCallback(self))
         self.response_tokens = 0.0  # trained response tokens, for the end-of-run tokens/s
         self.base_model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or (
