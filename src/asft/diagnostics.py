@@ -312,16 +312,29 @@ def model_scores(model_path: str, features: list[dict], batch_size: int = 8, bas
     return score_features(model, features, tokenizer.pad_token_id, batch_size)
 
 
-def tokenized(data: str, tokenizer, template: str = "auto", max_length: int | None = None, limit: int | None = None):
+def tokenized(
+    data: str,
+    tokenizer,
+    template: str = "auto",
+    max_length: int | None = None,
+    limit: int | None = None,
+    on_bad_rows: str = "error",
+):
     """(features, origins) of a data file (or comma-separated files), tokenized as training does; examples with no
-    response token left after max_length are left out."""
+    response token left after max_length are left out (bad rows too, with on_bad_rows="skip")."""
     from .data import load_examples, resolve_template, tokenize
+    from .errors import DataError
 
-    examples, _ = load_examples([p.strip() for p in data.split(",") if p.strip()])
+    examples, _ = load_examples([p.strip() for p in data.split(",") if p.strip()], on_bad_rows)
     template = resolve_template(template, tokenizer)
     features, origins = [], []
     for ex in examples:
-        f = tokenize(ex, template, tokenizer, max_length)
+        try:
+            f = tokenize(ex, template, tokenizer, max_length)
+        except DataError:
+            if on_bad_rows == "error":
+                raise
+            continue
         if response_features([f]):
             features.append(f)
             origins.append(f"{ex.source}:{ex.line}")

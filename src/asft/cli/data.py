@@ -335,7 +335,7 @@ def prior(args) -> int:
         template = resolve_template(args.template, tokenizer)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    features, origins = dg.tokenized(args.file, tokenizer, template, args.max_length, args.limit)
+    features, origins = dg.tokenized(args.file, tokenizer, template, args.max_length, args.limit, args.on_bad_rows)
     if not features:
         raise DataError(args.file, None, None, "no example with a response token")
     where = f"{args.model}, {len(features)} examples"
