@@ -20,7 +20,9 @@ The printed claims (each `yes` or `no`, whatever this run shows; the task is nev
   (a) DFT's final KL to the base (task set) is at least twice ASFT's;
   (b) ASFT's held-out accuracy is at least DFT's and SFT's;
   (c) ASFT's off-task drift (KL to the base, off-task set) is lower than DFT's.
-Last line: `claim_a=yes|no claim_b=yes|no claim_c=yes|no`. Printed, never asserted.
+Last line: `claim_a=yes|no claim_b=yes|no claim_c=yes|no`. Printed, never asserted. With `--seeds 0,1,2` every mode
+runs once per seed, the table shows the seeds' mean +- std, and each claim is decided against the seeds' spread
+(`asft.reporting.separated`): a difference no larger than it is `not separated`, never `yes`.
 
 Budget: the defaults are sized for about 40 minutes on an idle 2-core machine (32 steps x 8 examples of ~150
 tokens per mode, 64 held-out problems evaluated at steps 16 and 32); the total is printed. `--quick` runs the
@@ -99,6 +101,7 @@ def settings(a) -> dict:
             lr=a.learning_rate,
             kl_weight=a.kl_weight,
             seed=a.seed,
+            seeds=a.seeds,
         )
     return dict(
         n_train=a.n_train,
@@ -112,6 +115,7 @@ def settings(a) -> dict:
         lr=a.learning_rate,
         kl_weight=a.kl_weight,
         seed=a.seed,
+        seeds=a.seeds,
     )
 
 
@@ -162,7 +166,7 @@ def base_answers(base: str, instructions: list[str], max_new_tokens: int) -> lis
     return rows
 
 
-def train(mode: str, base: str, paths: dict, out: Path, s: dict) -> float:
+def train(mode: str, base: str, paths: dict, out: Path, s: dict, seed: int | None = None) -> float:
     """`asft train` in a child process (a fresh interpreter per mode: nothing carries over between runs)."""
     argv = [
         sys.executable,
@@ -185,7 +189,7 @@ def train(mode: str, base: str, paths: dict, out: Path, s: dict) -> float:
         "--learning_rate",
         str(s["lr"]),
         *"--lr_scheduler_type cosine --warmup_steps 2 --logging_steps 1 --save_strategy no --seed".split(),
-        str(s["seed"]),
+        str(s["seed"] if seed is None else seed),
         *"--use_cpu true --disable_tqdm true --report_to none --eval_task math --eval_task_data".split(),
         str(paths["test"]),
         "--eval_task_steps",
@@ -245,18 +249,49 @@ def fmt(v, spec=".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def claims(rows: dict[str, dict]) -> dict[str, str]:
+def claims(rows: dict[str, dict], per_seed: dict[str, list[dict]] | None = None) -> dict[str, str]:
+    """The three claims, each `yes` or `no`; with several seeds decided against their spread (asft.reporting.separated):
+    a difference no larger than the seeds' spread is `not separated`, never `yes`."""
+
     def yes(cond):
         return "yes" if cond else "no"
 
     a, d, s = rows.get("asft"), rows.get("dft"), rows.get("sft")
     out = {}
+    if per_seed and len(next(iter(per_seed.values()))) > 1:
+        from asft.reporting import separated
+
+        def vals(mode, key, factor=1.0):
+            return [factor * r[key] for r in per_seed.get(mode, [])]
+
+        if a and d:
+            out["claim_a"] = separated(vals("dft", "task_kl"), vals("asft", "task_kl", 2.0))
+            out["claim_c"] = separated(vals("dft", "offtask_kl"), vals("asft", "offtask_kl"))
+        if a and d and s:
+            both = [separated(vals("asft", "accuracy"), vals(m, "accuracy")) for m in ("dft", "sft")]
+            out["claim_b"] = "no" if "no" in both else ("yes" if all(v == "yes" for v in both) else "not separated")
+        return {k: out.get(k, "n/a") for k in ("claim_a", "claim_b", "claim_c")}
     if a and d:
         out["claim_a"] = yes(d["task_kl"] >= 2 * a["task_kl"])
         out["claim_c"] = yes(a["offtask_kl"] < d["offtask_kl"])
     if a and d and s:
         out["claim_b"] = yes(a["accuracy"] >= d["accuracy"] and a["accuracy"] >= s["accuracy"])
     return {k: out.get(k, "n/a") for k in ("claim_a", "claim_b", "claim_c")}
+
+
+def mean_rows(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per mode, the seeds' mean of every numeric measure (the per-step accuracies of the first seed)."""
+    rows = {}
+    for mode, results in per_seed.items():
+        row = dict(results[0])
+        for key in ("accuracy", "train_kl", "task_kl", "offtask_kl", "offtask_nll_increase"):
+            values = [r[key] for r in results if r.get(key) is not None]
+            row[key] = sum(values) / len(values) if values else None
+            if len(results) > 1 and len(values) > 1:
+                m = row[key]
+                row[key + "_std"] = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        rows[mode] = row
+    return rows
 
 
 def main() -> int:
@@ -280,7 +315,14 @@ def main() -> int:
     p.add_argument("--learning_rate", type=float, default=5e-5)
     p.add_argument("--kl_weight", type=float, default=0.05, help="sft_kl / asft (the paper's main runs: 0.05)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated training seeds (e.g. 0,1,2): every mode runs once per seed (runs/<mode>/seed-<s>), "
+        "the table shows mean +- std and the claims are decided against the seeds' spread (default: --seed only)",
+    )
     a = p.parse_args()
+    a.seeds = [int(x) for x in a.seeds.split(",") if x.strip()] if a.seeds else None
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     s = settings(a)
     start = time.time()
@@ -313,17 +355,21 @@ def main() -> int:
         )
     [base_result] = json.loads((base_eval / "results.json").read_text())["datasets"].values()
 
-    rows, seconds = {}, {}
+    seeds = s["seeds"] or [s["seed"]]
+    per_seed, seconds, run_dirs = {}, {}, []
     for mode in modes:
-        run = out / "runs" / mode
-        if not (reuse and (run / "model.safetensors").exists() and (run / "metrics.jsonl").exists()):
-            seconds[mode] = train(mode, base, paths, run, s)
-        rows[mode] = measure(mode, run, base, paths)
+        for seed in seeds:
+            run = out / "runs" / mode / (f"seed-{seed}" if s["seeds"] else "")
+            if not (reuse and (run / "model.safetensors").exists() and (run / "metrics.jsonl").exists()):
+                seconds[mode] = seconds.get(mode, 0.0) + train(mode, base, paths, run, s, seed)
+            per_seed.setdefault(mode, []).append(measure(mode, run, base, paths))
+            run_dirs.append(run)
+    rows = mean_rows(per_seed)
 
     report = out / "report"
     asft(
         "compare",
-        *[str(out / "runs" / m) for m in modes],
+        *[str(r) for r in run_dirs],
         str(base_eval),
         "--output_dir",
         str(report),
@@ -331,7 +377,7 @@ def main() -> int:
     )
     asft(
         "plot",
-        *[str(out / "runs" / m) for m in modes],
+        *[str(out / "runs" / m / (f"seed-{seeds[0]}" if s["seeds"] else "")) for m in modes],
         *"--metrics math/test/accuracy kl --output".split(),
         str(report / "figure1.png"),
     )
@@ -340,7 +386,7 @@ def main() -> int:
         "--kind",
         "probs",
         MODEL,
-        *[str(out / "runs" / m) for m in modes],
+        *[str(out / "runs" / m / (f"seed-{seeds[0]}" if s["seeds"] else "")) for m in modes],
         "--data",
         str(paths["test_pairs"]),
         "--output",
@@ -348,13 +394,21 @@ def main() -> int:
     )
     (out / "replicate_results.json").write_text(
         json.dumps(
-            {"settings": s, "base_accuracy": base_result["value"], "rows": rows, "train_seconds": seconds}, indent=2
+            {
+                "settings": s,
+                "base_accuracy": base_result["value"],
+                "rows": rows,
+                "per_seed": per_seed,
+                "train_seconds": seconds,
+            },
+            indent=2,
         )
     )
 
     print(
         f"\nHeld-out problems: {s['n_test']}; training: {s['max_steps']} steps x {s['batch']} examples, lr "
-        f"{s['lr']}, kl_weight {s['kl_weight']}, seed {s['seed']}; base model accuracy {fmt(base_result['value'])}"
+        f"{s['lr']}, kl_weight {s['kl_weight']}, seeds {','.join(map(str, seeds))}; base model accuracy "
+        f"{fmt(base_result['value'])}"
     )
     print(
         "\n| mode | held-out accuracy | KL to base, task | KL to base, off-task | off-task NLL increase | "
@@ -362,13 +416,14 @@ def main() -> int:
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for mode, r in rows.items():
+        acc = fmt(r["accuracy"]) + (f" +- {fmt(r['accuracy_std'])}" if "accuracy_std" in r else "")
         print(
-            f"| {mode} | {fmt(r['accuracy'])} | {fmt(r['task_kl'])} | {fmt(r['offtask_kl'])} | "
+            f"| {mode} | {acc} | {fmt(r['task_kl'])} | {fmt(r['offtask_kl'])} | "
             f"{fmt(r['offtask_nll_increase'])} | {fmt(r['train_kl'])} | {fmt(seconds.get(mode), '.0f')} |"
         )
     print(f"\nReport: {report / 'report.md'}; figures: {report / 'figure1.png'}, {report / 'figure4_probs.png'}")
     print(f"Total time: {time.time() - start:.0f} s")
-    c = claims(rows)
+    c = claims(rows, per_seed)
     a_, d_, s_ = rows.get("asft", {}), rows.get("dft", {}), rows.get("sft", {})
     print(
         f"(a) DFT's KL to the base on the task set ({fmt(d_.get('task_kl'))}) >= 2 x ASFT's "

@@ -219,6 +219,12 @@ def main() -> None:
     p.add_argument("--output_dir", default="outputs/rl_init")
     p.add_argument("--algorithm", default="dapo", choices=["dapo", "grpo", "dr_grpo"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds (e.g. 0,1,2): the whole study once per seed in OUTPUT_DIR/seed-<s>, then the "
+        "seeds' mean +- std per start and asft_rl vs sft_rl decided against their spread",
+    )
     p.add_argument("--quick", action="store_true", help="tiny budget: an end-to-end smoke test")
     p.add_argument(
         "--set",
@@ -230,6 +236,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick and args.output_dir == "outputs/rl_init":
         args.output_dir = "outputs/rl_init_quick"
+    if args.seeds:
+        return over_seeds(args, [int(x) for x in args.seeds.split(",") if x.strip()])
     cfg = dict(QUICK if args.quick else FULL)
     for item in args.set:
         key, _, value = item.partition("=")
@@ -286,6 +294,31 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"Total {(time.monotonic() - started) / 60:.1f} min; summary in {out / 'summary.json'}")
     print(" ".join(f"{name}_rl={results[name]['after']:.3f}" for name in ("base", "sft", "asft")))
+
+
+def over_seeds(args, seeds: list[int]) -> None:
+    """The study once per seed (a child process each, into OUTPUT_DIR/seed-<s>), then the seeds' spread."""
+    from asft.reporting import separated, spread
+
+    root, per_seed = Path(args.output_dir), {}
+    for seed in seeds:
+        argv = [sys.executable, __file__, "--output_dir", str(root / f"seed-{seed}"), "--seed", str(seed)]
+        argv += ["--from_replicate", args.from_replicate, "--algorithm", args.algorithm, *(["--quick"] * args.quick)]
+        argv += ["--set", *args.set] if args.set else []
+        print(f"\n##### seed {seed} #####", flush=True)
+        subprocess.run(argv, check=True)
+        summary = json.loads((root / f"seed-{seed}" / "summary.json").read_text())
+        for name, r in summary.items():
+            per_seed.setdefault(name, []).append(r["after"])
+    stats = {name: spread(values) for name, values in per_seed.items()}
+    for name, st in stats.items():
+        print(f"{name:6} accuracy after RL {st['mean']:.3f} +- {st['std']:.3f} (n={st['n']}): {per_seed[name]}")
+    verdict = separated(per_seed.get("asft", []), per_seed.get("sft", []))
+    (root / "seeds_summary.json").write_text(
+        json.dumps({"seeds": seeds, "after": per_seed, "stats": stats, "asft_rl_gt_sft_rl": verdict}, indent=2) + "\n"
+    )
+    print(f"asft_rl > sft_rl beyond the seeds' spread: {verdict}")
+    print(" ".join(f"{name}_rl={stats[name]['mean']:.3f}+-{stats[name]['std']:.3f}" for name in stats))
 
 
 if __name__ == "__main__":

@@ -274,6 +274,65 @@ def plot_probs(models: dict[str, list[float]], output: str | Path | None = None,
 # -------------------------------------------------------------------------------------------------- compare
 
 
+def spread(values: list[float]) -> dict:
+    """n, mean, sample standard deviation (0 for one value) and a 95% interval (Student's t) of seeds' values."""
+    vals = [float(v) for v in values if _is_number(v)]
+    n = len(vals)
+    if not n:
+        return {"n": 0, "mean": None, "std": None, "ci95": None}
+    mean = sum(vals) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    half = _T95.get(n - 1, 1.96) * std / math.sqrt(n) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std, "ci95": None if half is None else [mean - half, mean + half]}
+
+
+# Student's t, two-sided 95%, by degrees of freedom (beyond 30: the normal's 1.96).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_T95.update(
+    {
+        k: v
+        for k, v in zip(
+            range(11, 31),
+            (
+                2.201,
+                2.179,
+                2.160,
+                2.145,
+                2.131,
+                2.120,
+                2.110,
+                2.101,
+                2.093,
+                2.086,
+                2.080,
+                2.074,
+                2.069,
+                2.064,
+                2.060,
+                2.056,
+                2.052,
+                2.048,
+                2.045,
+                2.042,
+            ),
+        )
+    }
+)
+
+
+def separated(a: list[float], b: list[float]) -> str:
+    """Whether seeds' values of a exceed b's beyond their spread: "yes" (a higher), "no" (a lower) or "not
+    separated" (the difference of the means is no larger than the two standard deviations together, or a side has
+    fewer than two seeds)."""
+    sa, sb = spread(a), spread(b)
+    if sa["n"] < 2 or sb["n"] < 2:
+        return "not separated"
+    diff = sa["mean"] - sb["mean"]
+    if abs(diff) <= sa["std"] + sb["std"]:
+        return "not separated"
+    return "yes" if diff > 0 else "no"
+
+
 def _eval_dir_task(results: dict, path: Path) -> str:
     return results.get("task") or path.name
 
@@ -430,11 +489,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(rows: list[RunInfo], output_dir: str | Path, metrics: list[str] | None = None) -> dict:
-    """report.md, comparison.csv, comparison.json and training_curves.png in output_dir; returns the data."""
+def write_comparison(
+    rows: list[RunInfo], output_dir: str | Path, metrics: list[str] | None = None, probs: dict | None = None
+) -> dict:
+    """report.md, comparison.csv, comparison.json and training_curves.png in output_dir (with the seed groups and,
+    given `probs` from `prob_bins`, the per-bin table); returns the data."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = comparison(rows)
+    extras = write_extras(rows, out, report, probs)
     (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
     cols = report["columns"]
     with (out / "comparison.csv").open("w", newline="") as f:
@@ -460,6 +523,7 @@ def write_comparison(rows: list[RunInfo], output_dir: str | Path, metrics: list[
         ]
         + [f"- {n}" for n in notes]
         + ([""] if notes else [])
+        + extras
     )
     runs = [r for r in rows if r.records]
     if runs:
@@ -471,6 +535,167 @@ def write_comparison(rows: list[RunInfo], output_dir: str | Path, metrics: list[
         text += ["![training curves](training_curves.png)", ""]
     (out / "report.md").write_text("\n".join(text))
     return report
+
+
+# ---------------------------------------------------------------------------------------------- seed groups
+
+# Where a run is, not how it was made: these training arguments differ between any two runs.
+IDENTITY_ARGS = ("output_dir", "logging_dir", "run_name")
+
+
+def settings_key(config: dict) -> str:
+    """A run's settings without its seed (and its folders): runs with equal keys differ only by the seed."""
+    config = json.loads(json.dumps(config, default=str))
+    config.pop("seed", None)
+    args = config.get("args")
+    if isinstance(args, dict):
+        for key in ("seed", *IDENTITY_ARGS):
+            args.pop(key, None)
+    return json.dumps(config, sort_keys=True)
+
+
+def _seed(config: dict):
+    args = config.get("args")
+    return config.get("seed", args.get("seed") if isinstance(args, dict) else None)
+
+
+def seed_groups(rows: list[RunInfo]) -> list[dict]:
+    """Training runs grouped by everything but the seed; per group n, the seeds, and per metric (final training
+    terms, result columns) n, mean, std and a 95% interval (`spread`). Rows without a configuration (evaluations
+    of other models) are never grouped."""
+    groups: dict[str, list[RunInfo]] = {}
+    for r in rows:
+        if r.config:
+            groups.setdefault(settings_key(r.config), []).append(r)
+    out = []
+    for members in groups.values():
+        metrics = {}
+        finals = [_final_terms(r) for r in members]
+        for key in [k for k in TERMS[:7] if any(k in f for f in finals)]:
+            metrics[f"final {key}"] = spread([f[key] for f in finals if key in f])
+        for key in dict.fromkeys(k for r in members for k in r.results):
+            metrics[key] = spread([r.results[key] for r in members if key in r.results])
+        c = members[0].config
+        out.append(
+            {
+                "name": f"{c.get('mode') or '?'} x{len(members)}: " + ", ".join(r.label for r in members),
+                "mode": c.get("mode"),
+                "runs": [str(r.path) for r in members],
+                "seeds": [_seed(r.config) for r in members],
+                "n": len(members),
+                "metrics": metrics,
+            }
+        )
+    return out
+
+
+def _interval(m: dict) -> str:
+    if m["mean"] is None:
+        return "-"
+    text = f"{_fmt(m['mean'])} +- {_fmt(m['std'])}"
+    return text + (f" [{_fmt(m['ci95'][0])}, {_fmt(m['ci95'][1])}]" if m["ci95"] else "") + f" (n={m['n']})"
+
+
+def groups_markdown(groups: list[dict]) -> str:
+    """One line per seed group: n, seeds, and per metric mean +- std [95% interval] (n)."""
+    keys = list(dict.fromkeys(k for g in groups for k in g["metrics"]))
+    lines = ["| group | n | seeds | " + " | ".join(keys) + " |", "|---|---:|---|" + "---|" * len(keys)]
+    for g in groups:
+        cells = [_interval(g["metrics"][k]) if k in g["metrics"] else "-" for k in keys]
+        seeds = ",".join(str(s) for s in g["seeds"])
+        lines.append(f"| {g['name']} | {g['n']} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_groups_csv(groups: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["group", "n", "seeds", "metric", "metric_n", "mean", "std", "ci95_low", "ci95_high"])
+        for g in groups:
+            for key, m in g["metrics"].items():
+                ci = m["ci95"] or [None, None]
+                w.writerow([g["name"], g["n"], " ".join(map(str, g["seeds"])), key, m["n"], m["mean"], m["std"], *ci])
+
+
+# --------------------------------------------------------------------------------------- probabilities by bin
+
+
+def prob_bins(rows: list[RunInfo], data: str, base_model: str | None = None, **kwargs) -> dict:
+    """The mechanism table for runs sharing an evaluation set: the data's response tokens binned by the base
+    model's p(y_t), per bin each run's mean p(y_t) (teacher forced). The base is `base_model`, else the model the
+    runs were trained from (all the same, or an error)."""
+    from .diagnostics import bin_table
+
+    runs = [r for r in rows if r.config]
+    if not runs:
+        raise ConfigError("--probs_data: no training run among the paths")
+    if base_model is None:
+        bases = {r.config.get("model") for r in runs}
+        if len(bases) != 1 or None in bases:
+            raise ConfigError(
+                f"--probs_data: the runs start from different or unknown models ({bases}); pass --base_model"
+            )
+        base_model = bases.pop()
+    base = token_probabilities(base_model, data, **kwargs)
+    after = {r.label: token_probabilities(str(r.path), data, **kwargs) for r in runs}
+    return {"data": data, "base_model": base_model, "bins": bin_table(base, after)}
+
+
+def plot_prob_bins(table: dict, output: str | Path | None = None):
+    """Per base-model probability bin, the mean p(y_t) of each model (the base's own mean as the reference line)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    bins = table["bins"]
+    xs = list(range(len(bins)))
+    ax.plot(xs, [b["base"] for b in bins], linestyle="--", color="gray", marker="o", label="base")
+    for name in bins[0]["after"]:
+        ax.plot(xs, [b["after"][name] for b in bins], marker="o", label=name)
+    ax.set_xticks(xs, [f"{b['bin']}\nn={b['tokens']}" for b in bins])
+    ax.set_xlabel("base model's p(y_t) bin")
+    ax.set_ylabel("mean p(y_t) (teacher forced)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Where training moved the tokens, by the base model's prior")
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    if output is not None:
+        _save(fig, output)
+    return fig
+
+
+def write_extras(rows: list[RunInfo], out: Path, report: dict, probs: dict | None = None) -> list[str]:
+    """Seed groups and the per-bin table into comparison.json, seed_groups.csv and the figures; report.md lines."""
+    from .diagnostics import format_bin_table
+
+    groups = seed_groups(rows)
+    report["groups"] = groups
+    text = []
+    if any(g["n"] > 1 for g in groups):
+        write_groups_csv(groups, out / "seed_groups.csv")
+        text += [
+            "## Seeds",
+            "",
+            "Runs whose settings differ only by the seed: mean +- standard deviation [95% interval] (n) per metric. "
+            "A difference between groups smaller than their seeds' spread is not a separation.",
+            "",
+            groups_markdown(groups),
+            "",
+        ]
+    if probs is not None:
+        report["prob_bins"] = probs
+        plot_prob_bins(probs, out / "prob_bins.png")
+        text += [
+            "## Token probabilities by the base model's prior",
+            "",
+            f"Response tokens of {probs['data']} binned by p(y_t) under {probs['base_model']}; per bin, each run's "
+            "mean p(y_t) (teacher forced).",
+            "",
+            format_bin_table(probs["bins"]),
+            "",
+            "![probabilities by bin](prob_bins.png)",
+            "",
+        ]
+    return text
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -398,6 +398,11 @@ class ReferenceCache:
             torch.from_numpy(np.ascontiguousarray(label)),
         )
 
+    def label_logprobs(self) -> np.ndarray:
+        """log rho(y_t) of every cached response token, in order (float64; reads only the label arrays)."""
+        parts = [np.asarray(self._shard(i)["label"], dtype=np.float64) for i in range(len(self.manifest["shards"]))]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
     # ------------------------------------------------------------------------------------------------ checks
 
     def _describe(self) -> str:

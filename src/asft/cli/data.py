@@ -258,6 +258,8 @@ def _load_tokenizer(model: str, trust_remote_code: bool):
 def inspect(args) -> int:
     if args.max_length < 2:
         raise ConfigError(f"max_length: must be >= 2, got {args.max_length}")
+    if args.prior or args.json or args.reference_cache:
+        return prior(args)
     examples, skipped = load_examples(args.file, args.on_bad_rows)  # validated before the tokenizer is loaded
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
     try:
@@ -323,6 +325,51 @@ def inspect(args) -> int:
         print(marked(ids[: args.max_length], labels[: args.max_length], tokenizer, color))
         if len(ids) > args.max_length:
             print(f"[... {len(ids) - args.max_length} more tokens cut by max_length={args.max_length}]")
+    return 0
+
+
+def prior(args) -> int:
+    """`asft data inspect --prior`: the base model's p(y_t) over the response tokens (asft.diagnostics)."""
+    import json
+
+    from .. import diagnostics as dg
+
+    if not args.prior:
+        raise ConfigError("--json and --reference_cache go with --prior")
+    if args.limit < 1:
+        raise ConfigError(f"limit: must be >= 1, got {args.limit}")
+    load_examples(args.file, args.on_bad_rows)  # bad rows: fail before any model is loaded
+    tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
+    try:
+        template = resolve_template(args.template, tokenizer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    features, origins = dg.tokenized(args.file, tokenizer, template, args.max_length, args.limit, args.on_bad_rows)
+    if not features:
+        raise DataError(args.file, None, None, "no example with a response token")
+    where = f"{args.model}, {len(features)} examples"
+    if args.reference_cache:
+        from ..cache import ReferenceCache
+
+        scores = dg.scores_from_cache(
+            ReferenceCache(args.reference_cache), features, tokenizer, template, args.max_length
+        )
+        where = f"the reference cache {args.reference_cache}, {len(features)} examples"
+    else:
+        from ..models import ModelLoadError, load_model
+
+        if not args.json:
+            print(f"scoring {len(features)} examples under {args.model} ...", file=sys.stderr, flush=True)
+        try:
+            model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        except (ModelLoadError, OSError) as e:
+            raise ConfigError(f"model: cannot load {args.model}: {_first_line(e)}") from None
+        scores = dg.score_features(model, features, tokenizer.pad_token_id, args.batch_size)
+    report = dg.prior_report(scores, tokenizer, origins)
+    if args.json:
+        print(json.dumps({"data": args.file, "model": args.model, "template": template, **report}))
+    else:
+        print(dg.format_prior(report, where))
     return 0
 
 
@@ -418,6 +465,22 @@ def _parser() -> argparse.ArgumentParser:
         "--trust_remote_code",
         action="store_true",
         help="allow the model repository's own tokenizer code to run (default: off)",
+    )
+    i.add_argument(
+        "--prior",
+        action="store_true",
+        help="score the response tokens under MODEL (a forward pass, teacher forced): mean / median / quantiles "
+        "of p(y_t), the share below 0.1 and above 0.9, a histogram, the improbable token strings, the mean "
+        "entropy, and the share of SFT's gradient weight each p-weighted rule gives each probability bin",
+    )
+    i.add_argument("--limit", type=int, default=512, metavar="N", help="--prior: first N examples (default: 512)")
+    i.add_argument("--batch_size", type=int, default=8, help="--prior: examples per forward pass (default: 8)")
+    i.add_argument("--json", action="store_true", help="--prior: print the numbers as one JSON object")
+    i.add_argument(
+        "--reference_cache",
+        default=None,
+        metavar="DIR",
+        help="--prior: read p(y_t) from a cache of `asft cache-reference` built for this data (no forward pass)",
     )
     return p
 

@@ -7,7 +7,17 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..reporting import collect, load_run, markdown, plot_metrics, plot_probs, token_probabilities, write_comparison
+from ..reporting import (
+    collect,
+    load_run,
+    markdown,
+    plot_metrics,
+    plot_prob_bins,
+    plot_probs,
+    prob_bins,
+    token_probabilities,
+    write_comparison,
+)
 
 
 def plot_parser() -> argparse.ArgumentParser:
@@ -74,6 +84,15 @@ def plot_main(argv: list[str]) -> int:
             models[label] = probs
             print(f"  {label}: {len(probs)} tokens, mean p {sum(probs) / max(len(probs), 1):.4f}")
         plot_probs(models, output)
+        if len(models) > 1:  # the first model is the base: where did the others move its improbable tokens?
+            from ..diagnostics import bin_table, format_bin_table
+
+            first = next(iter(models))
+            table = {"bins": bin_table(models[first], {k: v for k, v in models.items() if k != first})}
+            bins_output = Path(output).with_name(Path(output).stem + "_bins" + Path(output).suffix)
+            plot_prob_bins(table, bins_output)
+            print(f"Tokens binned by {first}'s p(y_t), mean p per model:\n{format_bin_table(table['bins'])}")
+            print(f"Wrote {bins_output}")
     else:
         if args.data:
             raise ConfigError("--data is for --kind probs")
@@ -91,13 +110,28 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="RUN_OR_EVAL_DIR", help="output folders of asft train or asft eval")
     p.add_argument("--output_dir", required=True, help="where report.md, comparison.csv / .json and the plots go")
     p.add_argument("--metrics", nargs="+", default=None, help="keys of metrics.jsonl to plot (default: all)")
+    p.add_argument(
+        "--probs_data",
+        default=None,
+        metavar="FILE",
+        help="an evaluation set the runs share (prompt/response pairs): its response tokens binned by the base "
+        "model's p(y_t) ([0, 0.1), [0.1, 0.5), [0.5, 0.9), [0.9, 1]), per bin each run's mean p(y_t) after "
+        "training (teacher forced): a table in report.md and prob_bins.png",
+    )
+    p.add_argument(
+        "--base_model", default=None, help="--probs_data: the base model (default: the model the runs start from)"
+    )
+    p.add_argument("--probs_limit", type=int, default=None, help="--probs_data: only the first N examples")
     return p
 
 
 def compare_main(argv: list[str]) -> int:
     args = compare_parser().parse_args(argv)
     rows = collect(args.paths)
-    report = write_comparison(rows, args.output_dir, args.metrics)
+    probs = None
+    if args.probs_data:
+        probs = prob_bins(rows, args.probs_data, args.base_model, limit=args.probs_limit)
+    report = write_comparison(rows, args.output_dir, args.metrics, probs)
     print(markdown(report))
     print(f"\nReport: {Path(args.output_dir) / 'report.md'}")
     return 0

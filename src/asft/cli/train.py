@@ -275,6 +275,7 @@ def main(argv: list[str]) -> int:
         from ..cache import check_for_cli
 
         check_for_cli(config.reference_cache, train_ds, tokenizer, script.template, max_length)
+        _print_prior(config)
     eval_ds = None
     if script.eval_data_path:
         eval_ds = build_dataset(
@@ -310,6 +311,12 @@ def main(argv: list[str]) -> int:
         peft_config=peft_config,
     )
     trainer.base_model_name = base_model
+    # what asft compare needs to tell runs apart beyond the training arguments (seed groups never mix data)
+    trainer.run_description["data"] = {
+        "data_path": script.data_path,
+        "eval_data_path": script.eval_data_path,
+        "template": script.template,
+    }
     if task_eval is not None:
         trainer.add_callback(task_eval.attach(trainer))
     describe_run(trainer)
@@ -351,6 +358,18 @@ def _check_run_length(config, examples: int) -> None:
         raise UsageError(
             "warmup_steps: the run has 1 optimizer step and it is the warmup's first, at learning rate 0 (it would "
             "train nothing); lower --warmup_steps or --global_batch_size, or train longer"
+        )
+
+
+def _print_prior(config) -> None:
+    """In a p-weighted mode, the prior of the training set from the cache's label log-probs (free: they are here)."""
+    from ..diagnostics import P_WEIGHTED_MODES, cache_prior_line
+
+    if str(getattr(config.mode, "value", config.mode)) in P_WEIGHTED_MODES:
+        print(
+            f"{cache_prior_line(config.reference_cache)}; the full diagnostic: asft data inspect DATA --model "
+            f"MODEL --prior --reference_cache {config.reference_cache}",
+            flush=True,
         )
 
 

@@ -82,12 +82,13 @@ class RunSettingsCallback(TrainerCallback):
     objective's settings (a resume compares them), and what `asft compare` tabulates (LoRA, model, every
     training argument, tokens redacted by transformers' to_dict)."""
 
-    def __init__(self, identity=dict):
+    def __init__(self, identity=dict, extra: dict | None = None):
         self.identity = identity  # () -> {"data_fingerprint": ..., "base_model": ...}: what else a resume must match
+        self.extra = {} if extra is None else extra  # the caller's own description (the data), filled in later
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
-            self.info = {**run_settings(args), **self.identity(), **_run_description(args, model)}
+            self.info = {**run_settings(args), **self.identity(), **_run_description(args, model), **self.extra}
             write_json(Path(args.output_dir) / RUN_FILE, self.info, indent=1)
 
     def on_save(self, args, state, control, **kwargs):

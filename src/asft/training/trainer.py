@@ -87,7 +87,8 @@ class AnchoredSFTTrainer(SFTTrainer):
             check_prepared(self.reference_cache, self.train_dataset)
             self.data_collator = ExampleIndexCollator(self.data_collator)
         self.add_callback(MetricsFileCallback())
-        self.add_callback(RunSettingsCallback(self.run_identity))
+        self.run_description: dict = {}  # written into asft_run.json beside the settings (the CLI puts the data here)
+        self.add_callback(RunSettingsCallback(self.run_identity, self.run_description))
         self.add_callback(ProgressTermsCallback(self))
         self.add_callback(RunTotalsCallback(self))
         self.response_tokens = 0.0  # trained response tokens (the whole run's after a resume), for tokens/s
