@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..io import METRICS_FILE, RUN_FILE, write_json, write_text
+from ..objectives import ObjectiveSettings
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -52,17 +53,8 @@ def truncate_metrics(path: Path, step: int) -> int:
 
 
 # The settings that define a run's objective: resuming with other values is refused unless accepted.
-RUN_SETTINGS = (
-    "mode",
-    "kl_weight",
-    "kl_direction",
-    "iw_max",
-    "iw_level",
-    "loss_normalization",
-    "learning_rate",
-    "lr_scheduler_type",
-    "weight_decay",
-)
+# Every field of the objective (the weight rule, its parameters, the anchor) is one of them.
+RUN_SETTINGS = (*ObjectiveSettings.fields(), "loss_normalization", "learning_rate", "lr_scheduler_type", "weight_decay")
 
 
 def run_settings(args) -> dict:
