@@ -26,8 +26,9 @@ class AnchoredSFTConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Objective: sft | dft | sft_kl (alias sft+kl) | asft | iw_sft | eaft | prift (default: asft). "
-            "Each is sg[w_t] * CE_t (+ kl_weight * KL_t when anchored) with its own token weight w_t: 1, p(y_t), "
-            "1 + KL, p(y_t) + KL, iw-SFT's ratio, EAFT's top-k entropy, the reference's p(y_t) (PriFT).",
+            "Each is sg[w_t] * CE_t (+ kl_weight * KL_t when anchored) with its own token weight w_t: sft 1, dft "
+            "p(y_t)^weight_power, sft_kl / asft the same two anchored, iw_sft the policy / reference ratio, eaft "
+            "(top-k entropy / 3)^eaft_power, prift the reference's p(y_t).",
             "choices": list(MODE_CHOICES),
         },
     )
