@@ -15,11 +15,17 @@ Memory. Peak resident memory (ru_maxrss) of a separate process per (mode, full|L
 `cached` is asft with `--reference_cache`: the reference's top-k log-probs built once over the same data
 (`asft cache-reference`, k = --top_k, float16) before any timing; no reference model is loaded.
 
-    python benchmarks/overhead.py [--steps 5] [--warmup 2] [--modes sft,dft,sft_kl,asft,iw_sft,cached]
-           [--loss_implementation fused|naive] [--top_k 64]
+The weight rules beyond DFT (`eaft`, `prift`) are each timed in a group of three, sft, dft and the rule, their
+steps rotating (sft dft rule, dft rule sft, rule sft dft, ...), and compared with both: `eaft` online (its top-k
+entropy is its only extra work over dft), `prift` with the reference cache (its prior rho(y_t) read from the cache,
+no reference model: its cost should be sft's).
+
+    python benchmarks/overhead.py [--steps 5] [--warmup 2] [--modes sft,dft,sft_kl,asft,iw_sft,cached,eaft,prift]
+           [--loss_implementation fused|naive] [--top_k 64] [--kinds full,lora]
 
 Printed, never asserted. Last line: `full_ratio=<asft/sft step time, full> lora_ratio=<asft/sft step time, LoRA>
-cached_full_ratio=<asft with the cache / sft, full> cached_lora_ratio=<same, LoRA>`.
+cached_full_ratio=<asft with the cache / sft, full> cached_lora_ratio=<same, LoRA>` for the modes given, then
+`<rule>_<kind>_x_dft=... <rule>_<kind>_x_sft=...` for each rule.
 """
 
 from __future__ import annotations
@@ -75,6 +81,10 @@ def build_cache(data: str, out: str, top_k: int) -> None:
         sys.exit("building the reference cache failed")
 
 
+# The rules timed in a group with sft and dft, and the mode each is timed as ("+cache": with the reference cache).
+RULE_GROUPS = {"eaft": "eaft", "prift": "prift+cache"}
+
+
 def make_trainer(
     mode: str,
     lora: bool,
@@ -90,8 +100,9 @@ def make_trainer(
     max_length: int = 256,
     **config,
 ):
-    """A trainer of `mode` ("cached": asft with the reference cache `cache`) on the embedded SmolLM2-135M on the CPU,
-    or on `model` / `tokenizer`; `config`: more AnchoredSFTConfig fields. Also returns the tokens of a batch."""
+    """A trainer of `mode` ("cached": asft with the reference cache `cache`; "<mode>+cache": that mode with it) on
+    the embedded SmolLM2-135M on the CPU, or on `model` / `tokenizer`; `config`: more AnchoredSFTConfig fields. Also
+    returns the tokens of a batch."""
     import torch
 
     from asft import AnchoredSFTConfig, AnchoredSFTTrainer
@@ -103,10 +114,10 @@ def make_trainer(
         path = resolve_model_path("embedded:smollm2-135m-instruct")
         tokenizer, model = load_tokenizer(path), load_model(path)
     dataset = build_dataset(data, tokenizer, template="alpaca", max_length=max_length, log=lambda *_: None)
-    cached = mode == "cached"  # asft against the reference cache
+    cached = mode == "cached" or mode.endswith("+cache")  # against the reference cache
     args = AnchoredSFTConfig(
         output_dir=out,
-        mode="asft" if cached else mode,
+        mode="asft" if mode == "cached" else mode.removesuffix("+cache"),
         per_device_train_batch_size=batch,
         max_steps=steps,
         learning_rate=1e-5,
@@ -132,17 +143,28 @@ def make_trainer(
 
 def timed_pair(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: str, cache: str | None) -> dict:
     """Optimizer steps of an sft trainer and a `mode` trainer, strictly alternating; the times of each."""
+    times = timed_group(["sft", mode], lora, data, steps, warmup, impl, cache)
+    base, other = times
+    # Each mode step over the sft step next to it in the same ABBA pair.
+    return {"sft_s": base, "mode_s": other, "ratios": [b / a for a, b in zip(base, other)]}
+
+
+def timed_group(
+    modes: list[str], lora: bool, data: str, steps: int, warmup: int, impl: str, cache: str | None
+) -> list[list[float]]:
+    """Optimizer steps of one trainer per mode, in rounds of one step each, the order rotating from round to round;
+    the timed step times of each (round k's step of every trainer is comparable: the same background load)."""
     from transformers import TrainerCallback
 
-    # One more step than timed: the first trainer to finish tears down during the other's last (untimed) step.
+    # One more step than timed: the first trainer to finish tears down during the others' last (untimed) step.
     n = steps + warmup + 1
-    # Steps in the order sft, mode, mode, sft, sft, mode, ... (ABBA): whichever position in a pair is favoured (what
-    # the other thread does between its steps, caches), each trainer holds it equally often.
-    order = [(0, 1) if k % 2 == 0 else (1, 0) for k in range(n)]
-    order = [i for pair in order for i in pair]
+    # Round k runs the trainers in the order rotated by k (two trainers: AB BA AB ...): whichever position in a
+    # round is favoured (what the other threads do between steps, caches), each trainer holds it equally often.
+    m = len(modes)
+    order = [(k + j) % m for k in range(n) for j in range(m)]
     turn = threading.Condition()
     position = [0]
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in modes]
     errors: list[BaseException] = []
 
     class Alternate(TrainerCallback):
@@ -162,8 +184,7 @@ def timed_pair(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: 
 
     with tempfile.TemporaryDirectory() as out:
         trainers = [
-            make_trainer(m, lora, data, n, impl, os.path.join(out, str(i)), cache)[0]
-            for i, m in enumerate(("sft", mode))
+            make_trainer(m, lora, data, n, impl, os.path.join(out, str(i)), cache)[0] for i, m in enumerate(modes)
         ]
         for i, trainer in enumerate(trainers):
             trainer.add_callback(Alternate(i))
@@ -183,9 +204,7 @@ def timed_pair(mode: str, lora: bool, data: str, steps: int, warmup: int, impl: 
             t.join()
     if errors:
         raise errors[0]
-    base, other = times[0][warmup : warmup + steps], times[1][warmup : warmup + steps]
-    # Each mode step over the sft step next to it in the same ABBA pair.
-    return {"sft_s": base, "mode_s": other, "ratios": [b / a for a, b in zip(base, other)]}
+    return [t[warmup : warmup + steps] for t in times]
 
 
 def peak_memory(mode: str, lora: bool, data: str, steps: int, impl: str, cache: str | None) -> dict:
@@ -212,7 +231,8 @@ def main() -> None:
         default=2,
         help="untimed first steps (allocation; compilation, again at the second batch shape)",
     )
-    p.add_argument("--modes", default="sft,dft,sft_kl,asft,iw_sft,cached")
+    p.add_argument("--modes", default="sft,dft,sft_kl,asft,iw_sft,cached,eaft,prift")
+    p.add_argument("--kinds", default="full,lora", help="full fine-tuning, LoRA, or both")
     p.add_argument("--top_k", type=int, default=64, help="k of the reference cache (mode cached)")
     p.add_argument("--loss_implementation", default="fused", choices=["fused", "naive"])
     p.add_argument("--worker", nargs=3, metavar=("KIND", "MODE", "LORA"), help=argparse.SUPPRESS)
@@ -221,17 +241,25 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         kind, mode, lora = args.worker[0], args.worker[1], args.worker[2] == "1"
-        if kind == "time":
+        if kind == "time" and mode in RULE_GROUPS.values():
+            times = timed_group(
+                ["sft", "dft", mode], lora, args.data, args.steps, args.warmup, args.loss_implementation, args.cache
+            )
+            result = {"sft_s": times[0], "dft_s": times[1], "mode_s": times[2]}
+        elif kind == "time":
             result = timed_pair(mode, lora, args.data, args.steps, args.warmup, args.loss_implementation, args.cache)
         else:
             result = peak_memory(mode, lora, args.data, 2, args.loss_implementation, args.cache)
         print("RESULT " + json.dumps(result))
         return
 
-    # sft first, always: every ratio is against it.
-    modes = ["sft"] + [m for m in args.modes.split(",") if m != "sft"]
-    if len(modes) == 1:
+    # sft first, always: every ratio is against it. The rules of RULE_GROUPS are timed in their own groups.
+    given = [m for m in args.modes.split(",") if m != "sft"]
+    rules = [RULE_GROUPS[m] for m in given if m in RULE_GROUPS]
+    modes = ["sft"] + [m for m in given if m not in RULE_GROUPS]
+    if len(modes) == 1 and not rules:
         p.error("--modes: name at least one mode besides sft")
+    kinds = [k == "lora" for k in args.kinds.split(",")]
     common = [
         "--steps",
         str(args.steps),
@@ -245,7 +273,7 @@ def main() -> None:
         data = os.path.join(tmp, "data.jsonl")
         make_data(data)
         cache = os.path.join(tmp, "cache")
-        if "cached" in modes:
+        if "cached" in modes or any(r.endswith("+cache") for r in rules):
             start = time.perf_counter()
             build_cache(data, cache, args.top_k)
             print(
@@ -253,10 +281,10 @@ def main() -> None:
                 "(once, before timing; not part of any step)",
                 flush=True,
             )
-        for lora in (False, True):
+        for lora in kinds:
             kind = "lora" if lora else "full"
-            for mode in modes:
-                worker = ["--data", data, "--cache", cache] + common
+            worker = ["--data", data, "--cache", cache] + common
+            for mode in modes + rules:
                 memory[mode, lora] = subprocess_result(
                     ["--worker", "memory", mode, str(int(lora))] + worker, f"memory {mode} {kind}"
                 )
@@ -267,24 +295,35 @@ def main() -> None:
                     ["--worker", "time", mode, str(int(lora))] + worker, f"timing {mode} {kind}"
                 )
                 print(
-                    f"  {mode:7s} {kind}: steps {', '.join(f'{t:.2f}' for t in r['mode_s'])} s; paired sft "
-                    f"steps {', '.join(f'{t:.2f}' for t in r['sft_s'])} s",
+                    f"  {mode:7s} {kind}: steps {', '.join(f'{t:.2f}' for t in r['mode_s'])} s; "
+                    + (f"dft steps {', '.join(f'{t:.2f}' for t in r['dft_s'])} s; " if "dft_s" in r else "")
+                    + f"sft steps {', '.join(f'{t:.2f}' for t in r['sft_s'])} s",
                     flush=True,
                 )
 
     import torch
 
-    tokens = memory["sft", False]["tokens"]
+    tokens = memory["sft", kinds[0]]["tokens"]
     print(
         f"\nSmolLM2-135M-Instruct, float32, batch 4 x ~{tokens // 4} tokens, {torch.get_num_threads()} threads, "
-        f"loss {args.loss_implementation}; step time: median of {args.steps} steps, each mode paired with sft"
+        f"loss {args.loss_implementation}; step time: median of {args.steps} steps, each mode timed with sft"
     )
-    print("| mode | full: step s | x sft | peak GB | x sft | LoRA: step s | x sft | peak GB | x sft |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    last = []
+    if len(modes) > 1:
+        last += legacy_table(modes, kinds, timing, memory)
+    if rules:
+        last += rule_table(rules, kinds, timing, memory)
+    if last:
+        print(" ".join(last))
+
+
+def legacy_table(modes, kinds, timing, memory) -> list[str]:
+    print("| mode | " + " | ".join(f"{k}: step s | x sft | peak GB | x sft" for k in _names(kinds)) + " |")
+    print("|---|" + "---|---|---|---|" * len(kinds))
     ratio = {}
     for mode in modes:
         row = [mode]
-        for lora in (False, True):
+        for lora in kinds:
             if mode == "sft":
                 step = statistics.median(t for m in modes[1:] for t in timing[m, lora]["sft_s"])
                 ratio[mode, lora] = 1.0
@@ -294,18 +333,42 @@ def main() -> None:
             peak, base = memory[mode, lora]["peak_gb"], memory["sft", lora]["peak_gb"]
             row += [f"{step:.2f}", f"{ratio[mode, lora]:.2f}", f"{peak:.2f}", f"{peak / base:.2f}"]
         print("| " + " | ".join(row) + " |")
-    spread = {lora: sorted(timing["asft", lora]["ratios"]) for lora in (False, True) if ("asft", lora) in timing}
+    spread = {lora: sorted(timing["asft", lora]["ratios"]) for lora in kinds if ("asft", lora) in timing}
     for lora, r in spread.items():
         print(f"asft/sft pair ratios, {'LoRA' if lora else 'full'}: {', '.join(f'{x:.2f}' for x in r)}")
     last = []
-    if "asft" in modes:
+    if "asft" in modes and len(kinds) == 2:
         last.append(f"full_ratio={ratio['asft', False]:.2f} lora_ratio={ratio['asft', True]:.2f}")
-    if "cached" in modes:
+    if "cached" in modes and len(kinds) == 2:
         peaks = [memory["cached", lora]["peak_gb"] / memory["sft", lora]["peak_gb"] for lora in (False, True)]
         print(f"cached reference peak memory x sft: full {peaks[0]:.3f}, LoRA {peaks[1]:.3f}")
         last.append(f"cached_full_ratio={ratio['cached', False]:.2f} cached_lora_ratio={ratio['cached', True]:.2f}")
-    if last:
-        print(" ".join(last))
+    return last
+
+
+def rule_table(rules, kinds, timing, memory) -> list[str]:
+    """Each rule's step time against dft's and sft's from the same rounds (median of the per-round ratios)."""
+    print("\n| rule | kind | step s | dft step s | sft step s | x dft | x sft | peak GB x sft |")
+    print("|---|---|---|---|---|---|---|---|")
+    last = []
+    for rule in rules:
+        for lora in kinds:
+            r, kind = timing[rule, lora], "lora" if lora else "full"
+            x_dft = statistics.median(b / a for a, b in zip(r["dft_s"], r["mode_s"]))
+            x_sft = statistics.median(b / a for a, b in zip(r["sft_s"], r["mode_s"]))
+            peak = memory[rule, lora]["peak_gb"] / memory["sft", lora]["peak_gb"]
+            steps = [statistics.median(r[k]) for k in ("mode_s", "dft_s", "sft_s")]
+            print(
+                f"| {rule} | {kind} | " + " | ".join(f"{t:.2f}" for t in steps) + f" | {x_dft:.3f} | {x_sft:.3f} | "
+                f"{peak:.3f} |"
+            )
+            name = rule.replace("+cache", "_cached")
+            last.append(f"{name}_{kind}_x_dft={x_dft:.3f} {name}_{kind}_x_sft={x_sft:.3f}")
+    return last
+
+
+def _names(kinds) -> list[str]:
+    return ["LoRA" if lora else "full" for lora in kinds]
 
 
 if __name__ == "__main__":

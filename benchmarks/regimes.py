@@ -227,13 +227,21 @@ def load(path: Path):
 # ------------------------------------------------------------------------------------------------------- runs
 
 
+def anchored(flags: list[str]) -> bool:
+    """Whether an objective's flags give it the KL anchor (so --kl_weight applies)."""
+    from asft.objectives import uses_kl
+
+    return uses_kl(flags[flags.index("--mode") + 1], "--anchor" in flags or None)
+
+
 def train(start: str, data: Path, out: Path, flags: list[str], steps: int, seed: int, s: dict, extra=()) -> float:
     t = time.time()
     asft_cmd(
         "train",
         *["--model_name_or_path", start, "--data_path", str(data), "--output_dir", str(out), "--overwrite_output_dir"],
         *flags,
-        *["--kl_weight", str(s["kl_weight"]), "--max_steps", str(steps), "--per_device_train_batch_size"],
+        *(["--kl_weight", str(s["kl_weight"])] if anchored(flags) else []),  # the others refuse it
+        *["--max_steps", str(steps), "--per_device_train_batch_size"],
         *[str(s["batch"]), "--learning_rate", str(s["lr"]), "--lr_scheduler_type", "cosine", "--warmup_steps"],
         *[str(min(2, steps // 4)), "--seed", str(seed), *CPU_RUN, *extra],
     )

@@ -44,7 +44,7 @@ SRC = HERE.parent / "src"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(SRC))
 
-from asft.training.config import SETTING_MODES  # noqa: E402
+from asft.objectives import uses_kl  # noqa: E402
 from reasoning_task import INSTRUCTION, write_task  # noqa: E402
 
 MODES = ("sft", "dft", "sft_kl", "asft", "iw_sft")
@@ -179,7 +179,7 @@ def train(mode: str, base: str, paths: dict, out: Path, s: dict, seed: int | Non
         "--overwrite_output_dir",
         "--mode",
         mode,
-        *(["--kl_weight", str(s["kl_weight"])] if mode in SETTING_MODES["kl_weight"] else []),  # others refuse it
+        *(["--kl_weight", str(s["kl_weight"])] if uses_kl(mode) else []),  # others refuse it
         "--monitor_kl",
         "true",
         "--max_steps",

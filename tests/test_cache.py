@@ -111,6 +111,29 @@ def test_cache_with_k_equal_vocabulary_is_the_online_reference(path, mode, direc
     assert grads[1].abs().max() > 0
 
 
+@pytest.mark.parametrize("path", ["naive", "fused"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize(
+    "mode,rule",
+    [
+        ("prift", {}),  # PriFT's prior rho(y_t) from the cache's exact stored label log-prob
+        ("prift", {"anchor": True, "weight_floor": 0.1}),
+        ("eaft", {"anchor": True, "eaft_topk": 7}),
+        ("dft", {"anchor": True, "weight_power": 0.5}),
+    ],
+)
+def test_every_rule_with_a_cache_of_k_equal_vocabulary_is_the_online_reference(path, direction, mode, rule):
+    h, y, rows, head, ref_logits = batch(1)
+    kw = dict(kl_weight=0.3, kl_direction=direction, num_items_in_batch=31, **rule)
+    cached = reference_rows(ref_logits, y, V)
+    want_loss, want_terms, want_grads = loss_of(path, mode, h, y, rows, head, ref_logits, **kw)
+    loss, terms, grads = loss_of(path, mode, h, y, rows, head, cached=cached, **kw)
+    close(loss, want_loss)
+    assert terms == pytest.approx(want_terms, rel=1e-5, abs=1e-6) and "kl" in terms
+    for g, want in zip(grads, want_grads):
+        close(g, want)
+
+
 def independent_bucketed(z, cached: CachedRows, direction):
     """The k + 1 bucket distributions written out in float64, 1 - sum for the tail, KL by its definition."""
     z = z.double()

@@ -8,7 +8,7 @@ import torch
 from asft.cli import main
 from asft.cli.train import parse_train_args
 from asft.errors import ConfigError
-from asft.objectives import MODES
+from asft.objectives import MODES, needs_reference
 from conftest import cli_args, train_cmd
 
 
@@ -47,13 +47,14 @@ def test_train_every_mode(tiny_model_dir, data_file, tmp_path, mode, lora):
             "weighted_nll",
             "mean_prob",
             "mean_weight",
+            "frac_weight_below_0.1",
             "entropy",
             "token_accuracy",
             "grad_norm",
             "learning_rate",
         ):
             assert key in record, key
-        assert ("kl" in record) == (mode in ("sft_kl", "asft", "iw_sft"))
+        assert ("kl" in record) == needs_reference(mode)  # an anchor, or a rule reading the reference (prift)
 
 
 def test_merge_lora_equals_peft_merge(tiny_model_dir, data_file, tmp_path):
@@ -104,6 +105,14 @@ def test_paper_flags_and_yaml(tmp_path, monkeypatch):
         (["--global_batch_size", "3", "--per_device_train_batch_size", "2"], "global_batch_size"),
         (["--mode", "dft", "--reference_model_path", "x"], "reference_model_path"),
         (["--kl_wieght", "1"], "kl_weight"),  # a typo gets a suggestion
+        # A rule parameter the mode would ignore names both (never silently dropped).
+        (["--mode", "sft", "--weight_power", "0.5"], "weight_power: mode 'sft'"),
+        (["--mode", "sft_kl", "--weight_floor", "0.1"], "weight_floor: mode 'sft_kl'"),
+        (["--mode", "dft", "--eaft_topk", "5"], "eaft_topk: mode 'dft'"),
+        (["--mode", "prift", "--eaft_power", "2"], "eaft_power: mode 'prift'"),
+        (["--mode", "eaft", "--weight_power", "0.5"], "weight_power: mode 'eaft'"),
+        (["--mode", "asft", "--anchor", "false"], "anchor: mode 'asft'"),
+        (["--mode", "eaft", "--eaft_topk", "0"], "eaft_topk"),
     ],
 )
 def test_bad_arguments_are_rejected_before_loading(argv, field):
@@ -130,13 +139,50 @@ def test_output_dir_with_another_run_is_refused(tiny_model_dir, data_file, tmp_p
     assert (out / "metrics.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("name", ["sft", "dft", "sft_kl", "asft", "iw_sft", "quickstart"])
+def test_rule_flags_and_the_anchor():
+    base = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"]
+    _, cfg = parse_train_args(base + ["--mode", "eaft", "--eaft_topk", "10", "--eaft_power", "0.5"])
+    assert (cfg.objective.topk, cfg.objective.eaft_power, cfg.objective.anchored) == (10, 0.5, False)
+    assert not cfg.needs_reference  # EAFT reads only the policy
+    _, cfg = parse_train_args(base + ["--mode", "eaft", "--anchor"])
+    assert cfg.objective.anchored and cfg.needs_reference
+    _, cfg = parse_train_args(base + ["--mode", "prift", "--weight_floor", "0.05"])
+    assert cfg.needs_reference and not cfg.objective.anchored  # the prior, without the KL term
+    _, cfg = parse_train_args(base + ["--mode", "dft", "--anchor", "--weight_power", "0.5"])
+    assert cfg.objective.anchored and cfg.objective.weight_power == 0.5
+
+
+def test_resume_refuses_a_changed_weight_rule(tmp_path):
+    from asft.errors import UsageError
+    from asft.io import RUN_FILE
+    from asft.training.callbacks import run_settings
+    from asft.training.checkpoints import check_resume
+
+    base = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path)]
+    _, before = parse_train_args(base + ["--mode", "dft", "--weight_power", "0.5"])
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4}))
+    (checkpoint / RUN_FILE).write_text(json.dumps(run_settings(before)))
+    check_resume(str(checkpoint), before, False)  # the same settings: fine
+    for flags, field in [
+        (["--mode", "dft", "--weight_power", "0.25"], "weight_power: 0.5 -> 0.25"),
+        (["--mode", "dft", "--weight_power", "0.5", "--weight_floor", "0.1"], "weight_floor"),
+        (["--mode", "dft", "--weight_power", "0.5", "--anchor"], "anchor: None -> True"),
+    ]:
+        _, now = parse_train_args(base + flags)
+        with pytest.raises(UsageError, match=field):
+            check_resume(str(checkpoint), now, False)
+        check_resume(str(checkpoint), now, True)  # --accept_changed_settings
+
+
+@pytest.mark.parametrize("name", ["sft", "dft", "sft_kl", "asft", "iw_sft", "eaft", "prift", "dft_power", "quickstart"])
 def test_shipped_examples_parse(name):
     from pathlib import Path
 
     example = Path(__file__).parent.parent / "examples" / f"{name}.yaml"
     script, cfg = parse_train_args([str(example), "--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"])
-    assert cfg.mode == (name if name != "quickstart" else "asft")
+    assert cfg.mode == {"quickstart": "asft", "dft_power": "dft"}.get(name, name)
 
 
 # ------------------------------------------------------------------------------ one line, before the model loads

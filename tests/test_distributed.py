@@ -34,6 +34,10 @@ MODES = {  # DFT's weight pi(y) ~ 1/V on a random model makes asft's step ~V tim
     "lora": ["--mode", "asft", "--learning_rate", "20", "--kl_weight", "0.5", "--use_lora", "--lora_dropout", "0"],
     # The cached reference with k = V (float32): no reference model; must train exactly as asft does.
     "cached": ["--mode", "asft", "--learning_rate", "20", "--kl_weight", "0.5", "--reference_cache", "CACHE"],
+    # Rules beyond DFT: EAFT's top-k entropy of the live policy (no reference; w ~ 1 on a random model, sft's lr) and
+    # anchored PriFT (the reference's p(y) ~ 1/V on a random model: asft's lr).
+    "eaft": ["--mode", "eaft", "--eaft_topk", "5", "--learning_rate", "0.5"],
+    "prift": ["--mode", "prift", "--anchor", "--learning_rate", "20"],
 }
 
 WORKER = r'''
@@ -359,7 +363,7 @@ def test_two_processes_train_exactly_like_one(runs, engine, mode, tiny_model_dir
     for key in ("loss", "nll", "kl"):
         if key in last[0]:
             assert last[1][key] == pytest.approx(last[0][key], rel=1e-4, abs=1e-7), key
-    if mode != "sft":
+    if mode not in ("sft", "eaft"):  # eaft: no reference, no kl
         assert last[0]["kl"] > 1e-6
     if mode == "cached":  # k = V: the cache is the online reference exactly
         asft = _weights(runs["root"] / engine / "asft")

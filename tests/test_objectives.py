@@ -5,11 +5,16 @@ import math
 import pytest
 import torch
 
-from asft.objectives import MODES, normalize_mode, token_loss
+from asft.objectives import MODES, ObjectiveSettings, normalize_mode, token_loss, token_weights
 
 
-def reference_loss(mode, logits, labels, ref_logits, kl_weight, direction, iw_max, iw_level, n_items):
-    """Per-token loop in float64 straight from DESIGN.md's table; weights are constants (no gradient)."""
+def reference_loss(mode, logits, labels, ref_logits, kl_weight, direction, iw_max, iw_level, n_items, **rule):
+    """Per-token loop in float64 straight from DESIGN.md's tables; weights are constants (no gradient).
+
+    `rule`: weight_power, weight_floor, eaft_topk, eaft_power, anchor (the defaults where absent)."""
+    power, floor = rule.get("weight_power", 1.0), rule.get("weight_floor", 0.0)
+    topk, eaft_power = rule.get("eaft_topk", 20), rule.get("eaft_power", 1.0)
+    anchored = mode in ("sft_kl", "asft") or bool(rule.get("anchor"))
     total = logits.new_zeros((), dtype=torch.float64)
     B, T, _ = logits.shape
     for b in range(B):
@@ -23,19 +28,29 @@ def reference_loss(mode, logits, labels, ref_logits, kl_weight, direction, iw_ma
         seq_w = min(math.exp(sum(log_ratios) / len(log_ratios)), iw_max) if toks and log_ratios else 1.0
         for i, t in enumerate(toks):
             y = labels[b, t]
-            lp = torch.log_softmax(logits[b, t - 1].double(), -1)
+            z = logits[b, t - 1].double()
+            lp = torch.log_softmax(z, -1)
             ce = -lp[y]
             p_y = float(lp[y].detach().exp())
             if mode in ("sft", "sft_kl"):
                 w = 1.0
             elif mode in ("dft", "asft"):
-                w = p_y
+                w = p_y**power
+            elif mode == "eaft":  # the entropy of the softmax over the k largest logits, / 3, ^ alpha
+                top = sorted(z.detach().tolist(), reverse=True)[:topk]
+                q = [math.exp(v - max(top)) for v in top]
+                q = [x / sum(q) for x in q]
+                w = (-sum(x * math.log(x) for x in q if x > 0) / 3.0) ** eaft_power
+            elif mode == "prift":  # the reference's probability of the label
+                w = math.exp(float(torch.log_softmax(ref_logits[b, t - 1].double(), -1)[y]))
             elif iw_level == "sequence":
                 w = seq_w
             else:
                 w = min(max(math.exp(log_ratios[i]), 0.2), 1.8)
+            if mode not in ("sft", "sft_kl"):
+                w = max(w, floor)
             loss = w * ce
-            if mode in ("sft_kl", "asft"):
+            if anchored:
                 lr = torch.log_softmax(ref_logits[b, t - 1].double(), -1)
                 if direction == "forward":
                     kl = (lr.exp() * (lr - lp)).sum()
@@ -57,38 +72,66 @@ def make_batch(seed=0, B=3, T=9, V=37, device="cpu"):
     return logits.to(device), ref.to(device), labels.to(device)
 
 
-CASES = [(m, "forward", "sequence") for m in MODES] + [
-    ("sft_kl", "reverse", "sequence"),
-    ("asft", "reverse", "sequence"),
-    ("iw_sft", "forward", "token"),
+# Every rule with each of its parameters away from its default; each runs bare and anchored (both directions).
+RULES = [
+    ("sft", {}),
+    ("dft", {}),
+    ("dft", {"weight_power": 0.5}),
+    ("dft", {"weight_power": 0.25, "weight_floor": 0.05}),
+    ("asft", {"weight_power": 0.3}),
+    ("asft", {"weight_floor": 0.2}),
+    ("sft_kl", {}),
+    ("iw_sft", {"iw_level": "sequence"}),
+    ("iw_sft", {"iw_level": "token", "weight_floor": 0.5}),
+    ("eaft", {}),
+    ("eaft", {"eaft_topk": 5, "eaft_power": 0.7}),
+    ("eaft", {"eaft_topk": 100, "weight_floor": 0.9}),  # k > V: the full softmax's entropy
+    ("prift", {}),
+    ("prift", {"weight_floor": 0.1}),
+]
+RULE_CASES = [
+    (mode, {**params, **({"anchor": True} if anchor and mode not in ("sft_kl", "asft") else {})}, direction)
+    for mode, params in RULES
+    for anchor in (False, True)
+    if not (anchor is False and mode in ("sft_kl", "asft"))
+    for direction in (("forward", "reverse") if anchor else ("forward",))
 ]
 
 
+def test_every_registered_rule_is_tested():
+    # A new rule in WEIGHT_RULES must join RULES (and so the naive, fused and independent comparisons).
+    assert {mode for mode, _, _ in RULE_CASES} == set(MODES)
+
+
+def case_id(case):
+    mode, params, direction = case
+    return "-".join([mode, *(f"{k}={v}" for k, v in params.items()), direction])
+
+
+# Tolerances from float32 rounding: each float32 log-softmax entry carries a relative error of a few units of
+# 2^-24 ~ 6e-8 (the log-sum-exp sums V = 37 terms: <= ~40 ulp), the weights (exp, pow, a top-k entropy) a few ulp
+# more, and the loss sums ~20 tokens, each a product of two such terms: well under 1e-6 relative, so 1e-5 leaves
+# a 10x margin and would still catch any wrong weight or missing term (those move the loss by > 1e-3 here).
 @pytest.mark.cuda_too
-@pytest.mark.parametrize("mode,direction,iw_level", CASES)
-def test_loss_and_gradient_match_plain_implementation(mode, direction, iw_level, device):
+@pytest.mark.parametrize("mode,params,direction", RULE_CASES, ids=[case_id(c) for c in RULE_CASES])
+def test_loss_and_gradient_match_plain_implementation(mode, params, direction, device):
     logits, ref, labels = make_batch(device=device)
     n_items = 17  # as if other micro-batches of the step held more tokens
     ours = logits.clone().requires_grad_()
     theirs = logits.clone().double().requires_grad_()
-    ref_arg = ref if mode in ("sft_kl", "asft", "iw_sft") else None
-    loss, terms = token_loss(
-        mode,
-        ours,
-        labels,
-        ref_arg,
-        kl_weight=0.1,
-        kl_direction=direction,
-        iw_max=1.5,
-        iw_level=iw_level,
-        num_items_in_batch=n_items,
-    )
-    expected = reference_loss(mode, theirs, labels, ref_arg, 0.1, direction, 1.5, iw_level, n_items)
+    settings = ObjectiveSettings(mode, **params)
+    ref_arg = ref if settings.needs_reference else None
+    kw = dict(kl_weight=0.1, kl_direction=direction, iw_max=1.5)
+    loss, terms = token_loss(mode, ours, labels, ref_arg, num_items_in_batch=n_items, **kw, **params)
+    level = params.get("iw_level", "sequence")
+    rule = {k: v for k, v in params.items() if k != "iw_level"}
+    expected = reference_loss(mode, theirs, labels, ref_arg, 0.1, direction, 1.5, level, n_items, **rule)
     loss.backward()
     expected.backward()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-5, atol=1e-6)
     assert terms["num_tokens"] == int((labels[:, 1:] != -100).sum())
+    assert ("kl" in terms) == settings.needs_reference
 
 
 @pytest.mark.cuda_too
@@ -145,3 +188,70 @@ def test_mode_validation():
         token_loss("asft", logits, labels)
     with pytest.raises(ValueError, match="kl_weight"):
         token_loss("asft", logits, labels, ref, kl_weight=-1)
+
+
+def loss_and_grad(mode, logits, labels, ref=None, **kw):
+    x = logits.clone().requires_grad_()
+    loss, terms = token_loss(mode, x, labels, ref, **kw)
+    loss.backward()
+    return loss.detach(), x.grad, terms
+
+
+def test_weight_power_one_is_dft_and_zero_is_sft_and_a_floor_of_one_is_sft_bit_for_bit():
+    logits, ref, labels = make_batch(4)
+    logp_y = torch.log_softmax(logits, -1)[:, :-1][labels[:, 1:] != -100].gather(
+        -1, labels[:, 1:][labels[:, 1:] != -100][:, None]
+    )[:, 0]
+    assert torch.equal(token_weights("dft", logp_y, weight_power=1.0), logp_y.exp())  # DFT's own weight
+    sft, dft = loss_and_grad("sft", logits, labels), loss_and_grad("dft", logits, labels)
+    for got, want in [
+        (loss_and_grad("dft", logits, labels, weight_power=1.0), dft),
+        (loss_and_grad("dft", logits, labels, weight_power=0.0), sft),
+        (loss_and_grad("dft", logits, labels, weight_floor=1.0), sft),
+        (loss_and_grad("asft", logits, labels, ref, weight_power=0.0, kl_weight=0.2), None),
+    ]:
+        if want is None:  # asft at alpha 0 is sft_kl
+            want = loss_and_grad("sft_kl", logits, labels, ref, kl_weight=0.2)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_anchor_adds_the_kl_term_to_any_rule():
+    logits, ref, labels = make_batch(5)
+    asft = loss_and_grad("asft", logits, labels, ref, kl_weight=0.2)
+    spelled = loss_and_grad("dft", logits, labels, ref, kl_weight=0.2, anchor=True)
+    assert torch.equal(asft[0], spelled[0]) and torch.equal(asft[1], spelled[1])
+    bare = loss_and_grad("eaft", logits, labels, ref)
+    anchored = loss_and_grad("eaft", logits, labels, ref, kl_weight=0.2, anchor=True)
+    # Without num_items_in_batch the loss is a mean over tokens: the anchor adds 0.2 x the mean KL.
+    assert float(anchored[0] - bare[0]) == pytest.approx(0.2 * anchored[2]["kl"], rel=1e-5)
+
+
+def test_weight_distribution_is_logged():
+    logits, ref, labels = make_batch(6)
+    _, _, terms = loss_and_grad("prift", logits, labels, ref)
+    mask = labels[:, 1:] != -100
+    rho_y = torch.softmax(ref[:, :-1], -1)[mask].gather(-1, labels[:, 1:][mask][:, None])[:, 0]
+    assert terms["mean_weight"] == pytest.approx(float(rho_y.mean()), rel=1e-5)
+    assert terms["frac_weight_below_0.1"] == pytest.approx(float((rho_y < 0.1).float().mean()))
+    assert 0 < terms["frac_weight_below_0.1"] < 1
+
+
+@pytest.mark.parametrize(
+    "mode,kw,match",
+    [
+        ("sft", {"weight_power": 0.5}, "weight_power: mode 'sft'.*dft, asft"),
+        ("eaft", {"weight_power": 0.5}, "weight_power: mode 'eaft'"),
+        ("sft_kl", {"weight_floor": 0.1}, "weight_floor: mode 'sft_kl'"),
+        ("dft", {"eaft_topk": 5}, "eaft_topk: mode 'dft'.*eaft"),
+        ("prift", {"eaft_power": 2.0}, "eaft_power: mode 'prift'"),
+        ("asft", {"anchor": False}, "anchor: mode 'asft'"),
+        ("dft", {"weight_power": -1.0}, "weight_power: must be >= 0"),
+        ("eaft", {"eaft_topk": 0}, "eaft_topk"),
+        ("prift", {}, "needs reference"),  # PriFT reads the reference's p(y) even unanchored
+        ("eaft", {"anchor": True}, "needs reference"),
+    ],
+)
+def test_a_setting_the_mode_would_ignore_is_an_error_naming_both(mode, kw, match):
+    logits, _, labels = make_batch()
+    with pytest.raises(ValueError, match=match):
+        token_loss(mode, logits, labels, **kw)

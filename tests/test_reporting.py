@@ -239,3 +239,25 @@ def test_each_run_keeps_its_colour_in_panels_other_runs_did_not_log(tmp_path):
     colour = {line.get_label(): line.get_color() for line in loss_panel.get_lines()}
     assert colour["a"] != colour["b"]
     assert [(line.get_label(), line.get_color()) for line in kl_panel.get_lines()] == [("b", colour["b"])]
+
+
+def test_compare_shows_the_weight_rule_the_anchor_and_the_weight_terms(tmp_path):
+    from asft.reporting import RunInfo, comparison
+
+    def run(name, config):
+        record = {"step": 1, "loss": 1.0, "mean_weight": 0.3, "frac_weight_below_0.1": 0.4}
+        return RunInfo(tmp_path / name, name, config, [record])
+
+    rows = comparison(
+        [
+            run("power", {"mode": "dft", "weight_power": 0.5, "weight_floor": 0.0, "kl_weight": 0.03}),
+            run("prift", {"mode": "prift", "anchor": True, "weight_floor": 0.1, "kl_weight": 0.05}),
+            run("eaft", {"mode": "eaft", "eaft_topk": 20, "eaft_power": 1.0, "kl_weight": 0.03}),
+        ]
+    )
+    assert "weight_rule" in rows["columns"]["config"]
+    assert {"mean_weight", "frac_weight_below_0.1"} <= set(rows["columns"]["final"])
+    power, prift, eaft = rows["rows"]
+    assert (power["mode"], power["weight_rule"], power["kl_weight"]) == ("dft", "weight_power=0.5", None)
+    assert (prift["mode"], prift["weight_rule"], prift["kl_weight"]) == ("prift + anchor", "weight_floor=0.1", 0.05)
+    assert (eaft["weight_rule"], eaft["final"]["frac_weight_below_0.1"]) == ("-", 0.4)

@@ -6,7 +6,7 @@ at once (hidden rows, weight, bias), then the chunk's logits are dropped. The au
 scales the stashed gradients by grad_output, as Liger Kernel's chunked losses do.
 
 With pi = softmax(z), rho = the reference's softmax, w the detached token weight and k = kl_weight, the gradient
-of one token's loss with respect to its logits z is
+of one token's loss with respect to its logits z is (whatever the weight rule: w is a constant to it)
 
     w * CE_t                 w * (pi - onehot(y))
     k * KL(rho || pi)        k * (pi - rho)                           (forward, the default)
@@ -25,7 +25,9 @@ Softmax, log-sum-exp and KL math run in float32; matmuls run in the inputs' dtyp
 Layout, as Liger Kernel's chunked_loss/: `_Chunks` owns the chunking (logits buffers, the loop, the gradient pushed
 through the lm_head); a reference source chosen once per call (`_NoReference`, `_OnlineReference`,
 `_CachedReference`) defines only one chunk's stats and logit gradient; the token weight w is a step of its own
-between the two (`_Settings.weights`), which the gradients take as given.
+between the two (`_Settings.weights`: `objectives.token_weights`, the rules of `objectives.WEIGHT_RULES` unchanged),
+which the gradients take as given. A rule that reads the policy's top-k entropy (EAFT) gets it from the chunk's
+logits in the stats pass.
 """
 
 from __future__ import annotations
@@ -40,12 +42,15 @@ from torch import Tensor
 
 from .objectives import (
     CachedRows,
-    check_arguments,
+    ObjectiveSettings,
+    TokenStats,
+    check_reference,
     kl_over_buckets,
     select_response,
+    settings_of,
     token_metrics,
     token_weights,
-    uses_kl,
+    topk_entropy,
 )
 
 
@@ -121,16 +126,17 @@ def _policy_terms(a, y, scale: float, cap):
     return z, lse, logp_y, pi, entropy, hit
 
 
-def _chunk_stats(a, ar, y, scale: float, cap, rscale: float, rcap, direction: str):
+def _chunk_stats(a, ar, y, scale: float, cap, rscale: float, rcap, direction: str, topk: int):
     """Per-token terms of a chunk from raw policy / reference logits (ar None without a reference).
 
-    Returns (stats [5, c] = log pi(y), log rho(y), entropy, hit, kl; lse; ref lse). Entropy and KL use
-    sum(p) = 1 to avoid materialising log pi: -sum pi log pi = lse - sum pi z.
+    Returns (stats [6, c] = log pi(y), log rho(y), entropy, hit, kl, top-k entropy (topk 0: zeros); lse; ref lse).
+    Entropy and KL use sum(p) = 1 to avoid materialising log pi: -sum pi log pi = lse - sum pi z.
     """
     z, lse, logp_y, pi, entropy, hit = _policy_terms(a, y, scale, cap)
+    zero = torch.zeros_like(lse)
+    entropy_k = topk_entropy(z, topk) if topk else zero
     if ar is None:
-        zero = torch.zeros_like(lse)
-        return torch.stack([logp_y, zero, entropy, hit, zero]), lse, zero
+        return torch.stack([logp_y, zero, entropy, hit, zero, entropy_k]), lse, zero
     zr = _finish(ar.float(), rscale, rcap)
     lser = torch.logsumexp(zr, -1)
     logrho_y = zr.gather(1, y[:, None]).squeeze(1) - lser
@@ -138,7 +144,7 @@ def _chunk_stats(a, ar, y, scale: float, cap, rscale: float, rcap, direction: st
         kl = (torch.exp(zr - lser[:, None]) * (zr - z)).sum(-1) + (lse - lser)
     else:  # sum pi (log pi - log rho)
         kl = (pi * (z - zr)).sum(-1) + (lser - lse)
-    return torch.stack([logp_y, logrho_y, entropy, hit, kl]), lse, lser
+    return torch.stack([logp_y, logrho_y, entropy, hit, kl, entropy_k]), lse, lser
 
 
 def _chunk_grad(a, ar, y, w, lse, lser, kl, k: float, scale: float, cap, rscale: float, rcap, direction: str, out):
@@ -232,19 +238,15 @@ DENSE_GRAD = _Kernel(_dense_grad)
 # ----------------------------------------------------------------------------------------------------------------
 # Settings and reference sources: each source defines only the math of one chunk, the loop below owns the chunking.
 
-# The rows of the per-token stats [6, n]: the `_chunk_stats` rows, then the token weight.
-LOGP, LOGRHO, ENTROPY, HIT, KL, WEIGHT = range(6)
+# The rows of the per-token stats [7, n]: the `_chunk_stats` rows, then the token weight.
+LOGP, LOGRHO, ENTROPY, HIT, KL, ENTROPY_K, WEIGHT = range(7)
 
 
 @dataclass(frozen=True)
 class _Settings:
     """Everything of one call but its tensors, fixed once by `fused_loss_selected`."""
 
-    mode: str  # normalized by check_arguments
-    kl_weight: float
-    kl_direction: str
-    iw_max: float
-    iw_level: str
+    objective: ObjectiveSettings  # the rule, its parameters and the anchor
     chunk_size: int
     denom: float  # the loss is a sum over tokens / denom (num_items_in_batch, or n; at least 1)
     scale: float  # the policy head's logit scale and soft-cap
@@ -253,16 +255,28 @@ class _Settings:
     ref_cap: float | None
 
     @property
+    def kl_weight(self) -> float:
+        return float(self.objective.kl_weight)
+
+    @property
+    def kl_direction(self) -> str:
+        return self.objective.kl_direction
+
+    @property
+    def topk(self) -> int:
+        return self.objective.topk  # EAFT's k; 0 when the rule reads no top-k entropy
+
+    @property
     def kl_in_loss(self) -> bool:
-        return uses_kl(self.mode)  # iw-SFT reads log rho(y) for its weights, but has no KL term
+        return self.objective.anchored  # iw-SFT / PriFT read log rho(y) for their weights, with or without a KL
 
     @property
     def whole_sequences(self) -> bool:
-        return self.mode == "iw_sft" and self.iw_level == "sequence"  # a weight per sequence
+        return self.objective.whole_sequences  # a weight per sequence
 
-    def weights(self, logp_y: Tensor, logrho_y: Tensor, rows: Tensor) -> Tensor:
+    def weights(self, logp_y: Tensor, logrho_y: Tensor, rows: Tensor, entropy_k: Tensor) -> Tensor:
         """The detached weight w_t of each token's CE. The gradients below take it as given, whatever its rule."""
-        return token_weights(self.mode, logp_y, logrho_y, rows, iw_max=self.iw_max, iw_level=self.iw_level)
+        return token_weights(self.objective, TokenStats(logp_y, logrho_y, rows, entropy_k))
 
 
 class _NoReference:
@@ -277,12 +291,12 @@ class _NoReference:
         return None
 
     def stats(self, a, ar, y):
-        """(stats [5, c]: the `_chunk_stats` rows, the policy's lse, the reference's lse) of raw logits a."""
+        """(stats [6, c]: the `_chunk_stats` rows, the policy's lse, the reference's lse) of raw logits a."""
         c = self.cfg
-        return STATS(a, ar, y, c.scale, c.cap, c.ref_scale, c.ref_cap, c.kl_direction)
+        return STATS(a, ar, y, c.scale, c.cap, c.ref_scale, c.ref_cap, c.kl_direction, c.topk)
 
     def grad(self, a, ar, y, st, ls, out) -> None:
-        """Write the chunk's logit gradient into `out` from its stats st [6, c] and lses ls [2, c] (`_Chunks`)."""
+        """Write the chunk's logit gradient into `out` from its stats st [7, c] and lses ls [2, c] (`_Chunks`)."""
         c = self.cfg
         GRAD(
             a,
@@ -486,7 +500,7 @@ class _Chunks:
     def __init__(self, cfg: _Settings, policy: _HeadRows, source: _NoReference, grads: _Grads, y: Tensor, rows):
         n, dev = y.numel(), policy.x.device
         self.cfg, self.policy, self.source, self.grads, self.y, self.rows = cfg, policy, source, grads, y, rows
-        self.stats = torch.zeros(6, n, dtype=torch.float32, device=dev)  # rows LOGP ... WEIGHT
+        self.stats = torch.zeros(WEIGHT + 1, n, dtype=torch.float32, device=dev)  # rows LOGP ... WEIGHT
         self.lses = torch.zeros(2, n, dtype=torch.float32, device=dev)  # the policy's lse; the source's (`stats`)
         # The chunk's logit gradient, in float32: in place over the policy's logits when they are float32 already.
         buf = policy.buf
@@ -514,7 +528,7 @@ class _Chunks:
 
     def weigh(self, s: int, e: int) -> None:
         st = self.stats
-        st[WEIGHT, s:e] = self.cfg.weights(st[LOGP, s:e], st[LOGRHO, s:e], self.rows[s:e])
+        st[WEIGHT, s:e] = self.cfg.weights(st[LOGP, s:e], st[LOGRHO, s:e], self.rows[s:e], st[ENTROPY_K, s:e])
 
     def backward(self, s: int, e: int, a: Tensor, ref) -> None:
         g = self.gbuf[: e - s]
@@ -529,7 +543,7 @@ class _Chunks:
 
 
 def _run(cfg: _Settings, h, weight, bias, y, rows, ref_h, ref_weight, ref_bias, cached):
-    """Loss sum / denom, per-token stats [6, n] (the _chunk_stats rows + weight) and the gradients of h, weight
+    """Loss sum / denom, per-token stats [7, n] (the _chunk_stats rows + weight) and the gradients of h, weight
     and bias (None where not needed)."""
     n = y.numel()
     policy = _HeadRows(h, weight, bias, min(cfg.chunk_size, n))
@@ -566,20 +580,19 @@ def fused_loss_selected(
     ref_hidden: Tensor | None = None,
     ref_head: LMHead | None = None,
     *,
-    kl_weight: float = 0.03,
-    kl_direction: str = "forward",
-    iw_max: float = 16.0,
-    iw_level: str = "sequence",
     num_items_in_batch: int | Tensor | None = None,
     chunk_size: int = 1024,
     ref_cache: CachedRows | None = None,
+    **objective,
 ) -> tuple[Tensor, dict[str, float]]:
     """The loss of `mode` on already-selected response rows: hidden [n, H] predicting targets [n], rows [n] the
     batch row of each (iw-SFT's sequences). `ref_head` defaults to `head` (LoRA: the same weight, adapters off).
-    `ref_cache` (instead of ref_hidden): a cached reference for these n tokens; the KL is then the bucketed one."""
+    `ref_cache` (instead of ref_hidden): a cached reference for these n tokens; the KL is then the bucketed one.
+    `mode` and `objective`: as `objectives.token_loss` (a mode name and ObjectiveSettings fields, or settings)."""
     if ref_hidden is not None and ref_cache is not None:
         raise ValueError("give ref_hidden or ref_cache, not both")
-    mode = check_arguments(mode, ref_hidden is not None or ref_cache is not None, kl_weight, kl_direction, iw_max)
+    settings = settings_of(mode, **objective)
+    check_reference(settings, ref_hidden is not None or ref_cache is not None)
     if ref_cache is not None:
         if len(ref_cache) != targets.numel():
             raise ValueError(f"ref_cache holds {len(ref_cache)} tokens, the batch {targets.numel()} response tokens")
@@ -590,11 +603,7 @@ def fused_loss_selected(
     n = targets.numel()
     denom = n if num_items_in_batch is None else num_items_in_batch
     cfg = _Settings(
-        mode=mode,
-        kl_weight=float(kl_weight),
-        kl_direction=kl_direction,
-        iw_max=float(iw_max),
-        iw_level=iw_level,
+        objective=settings,
         chunk_size=int(chunk_size),
         denom=max(float(denom), 1.0),
         scale=float(head.logit_scale),
@@ -612,7 +621,7 @@ def fused_loss_selected(
     loss, stats = _FusedLoss.apply(hidden, head.weight, head.bias, *ref_args, targets, rows, cfg, ref_cache)
     if n == 0:
         return loss, {"num_tokens": 0.0}
-    logp_y, _, entropy, hit, kl, weight = stats
+    logp_y, _, entropy, hit, kl, _, weight = stats
     has_reference = ref_hidden is not None or ref_cache is not None
     return loss, token_metrics(logp_y, weight, entropy, hit, kl if has_reference else None)
 
@@ -625,14 +634,11 @@ def fused_token_loss(
     ref_hidden: Tensor | None = None,
     ref_head: LMHead | None = None,
     *,
-    kl_weight: float = 0.03,
-    kl_direction: str = "forward",
-    iw_max: float = 16.0,
-    iw_level: str = "sequence",
     num_items_in_batch: int | Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int = 1024,
     ref_cache: CachedRows | None = None,
+    **objective,
 ) -> tuple[Tensor, dict[str, float]]:
     """`objectives.token_loss` from last hidden states [B, T, H] and unshifted labels [B, T]: same loss, same
     metrics, same reduction; no [tokens x vocab] tensor. Masked positions never reach the lm_head."""
@@ -646,11 +652,8 @@ def fused_token_loss(
         head,
         ref_h,
         ref_head,
-        kl_weight=kl_weight,
-        kl_direction=kl_direction,
-        iw_max=iw_max,
-        iw_level=iw_level,
         num_items_in_batch=num_items_in_batch,
         chunk_size=chunk_size,
         ref_cache=ref_cache,
+        **objective,
     )

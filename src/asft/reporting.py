@@ -26,6 +26,8 @@ from .io import METRICS_FILE, RESULTS_FILE, RUN_FILE
 RUN_CONFIG, METRICS, RESULTS = RUN_FILE, METRICS_FILE, RESULTS_FILE
 # The training terms, in the order panels and tables show them (others follow alphabetically).
 TERMS = ("loss", "nll", "weighted_nll", "kl", "mean_prob", "entropy", "token_accuracy", "grad_norm", "learning_rate")
+# The final terms `asft compare` tabulates: the objective's, with the weight's mean and its low tail.
+FINAL_TERMS = (*TERMS[:5], "mean_weight", "frac_weight_below_0.1", *TERMS[5:7])
 # Summary keys of the Trainer's last record: not curves.
 SUMMARY_KEYS = {
     "step",
@@ -429,6 +431,24 @@ def _final_terms(run: RunInfo) -> dict[str, float]:
     return {k: series(run.records, k)[1][-1] for k in FINAL_TERMS if series(run.records, k)[0]}
 
 
+def _weight_rule(c: dict) -> str | None:
+    """The weight rule's parameters that differ from their defaults (e.g. `weight_power=0.5`), '-' for none."""
+    from .objectives import RULE_PARAMETERS, WEIGHT_RULES
+
+    rule = WEIGHT_RULES.get(c.get("mode"))
+    if rule is None:
+        return None
+    given = [f"{k}={c[k]}" for k in rule.params if k in RULE_PARAMETERS and k in c and c[k] != RULE_PARAMETERS[k]]
+    return ", ".join(given) or "-"
+
+
+def _anchored(c: dict) -> bool:
+    from .objectives import WEIGHT_RULES
+
+    rule = WEIGHT_RULES.get(c.get("mode"))
+    return bool(c.get("anchor")) or (rule is not None and rule.anchored)
+
+
 def comparison(rows: list[RunInfo]) -> dict:
     """The comparison as data: one entry per row (config, final terms, results) and the best row per result."""
     result_keys = list(dict.fromkeys(k for r in rows for k in r.results))
@@ -440,9 +460,10 @@ def comparison(rows: list[RunInfo]) -> dict:
             {
                 "run": r.label,
                 "path": str(r.path),
-                "mode": c.get("mode"),
+                "mode": c.get("mode") + (" + anchor" if c.get("anchor") else "") if c.get("mode") else None,
+                "weight_rule": _weight_rule(c),
                 # kl_weight only matters where the KL is in the loss
-                "kl_weight": c.get("kl_weight") if c.get("mode") in ("sft_kl", "asft") else None,
+                "kl_weight": c.get("kl_weight") if _anchored(c) else None,
                 "learning_rate": c.get("learning_rate"),
                 "lora": None if not c else (f"r={lora['r']}" if lora else "no"),
                 "final": _final_terms(r),
@@ -459,7 +480,7 @@ def comparison(rows: list[RunInfo]) -> dict:
             best[key] = [i for v, i in values if v == top]
     return {
         "columns": {
-            "config": ["mode", "kl_weight", "learning_rate", "lora"],
+            "config": ["mode", "weight_rule", "kl_weight", "learning_rate", "lora"],
             "final": term_keys,
             "results": result_keys,
         },

@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from ..models import resolve_model_path
-    from ..objectives import normalize_mode
-    from ..training.config import SETTING_MODES
+    from ..objectives import normalize_mode, uses_kl
     from .train import main as train
 
     start = time.time()
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             str(model_dir),
             "--mode",
             args.mode,
-            *(["--kl_weight", "0.05"] if normalize_mode(args.mode) in SETTING_MODES["kl_weight"] else []),
+            *(["--kl_weight", "0.05"] if uses_kl(normalize_mode(args.mode)) else []),
             "--max_steps",
             str(args.max_steps),
             "--per_device_train_batch_size",

@@ -82,7 +82,10 @@ class ScriptArguments(TaskEvalArguments):
     )
     accept_changed_settings: bool = field(
         default=False,
-        metadata={"help": "Resume even though the data, base model, objective or length differ from the checkpoint's."},
+        metadata={
+            "help": "Resume even though the data, base model, objective (mode, kl_weight, the weight rule's "
+            "parameters, the anchor), learning rate or length differ from the checkpoint's."
+        },
     )
 
 
@@ -379,7 +382,7 @@ def summarize_run(trainer, metrics: dict, kind: str) -> None:
     last = next((r for r in reversed(trainer.state.log_history) if "loss" in r), {})
     terms = ", ".join(
         f"{k} {last[k]:.4g}"
-        for k in ("loss", "nll", "weighted_nll", "kl", "mean_prob", "token_accuracy")
+        for k in ("loss", "nll", "weighted_nll", "kl", "mean_prob", "mean_weight", "token_accuracy")
         if isinstance(last.get(k), (int, float))
     )
     runtime = metrics.get("train_runtime") or 0.0
@@ -393,19 +396,11 @@ def summarize_run(trainer, metrics: dict, kind: str) -> None:
 
 
 def describe_run(trainer) -> None:
-    from ..training.trainer import kl_phrase
-
     a = trainer.args
     if not trainer.is_world_process_zero():
         return
-    line = f"Objective: {a.mode}"
-    if a.mode in ("sft_kl", "asft"):
-        line += f" with kl_weight={a.kl_weight} x {kl_phrase(a.kl_direction)} [{a.kl_direction}]"
-    if a.mode == "iw_sft" and a.iw_level == "token":
-        line += " with token-level weights (ratio clamped to [0.2, 1.8])"
-    elif a.mode == "iw_sft":
-        line += f" with sequence-level weights, iw_max={a.iw_max}"
-    if a.monitor_kl and a.mode in ("sft", "dft"):
+    line = f"Objective: {a.objective.describe()}"
+    if a.monitor_kl and not a.objective.anchored:
         line += f"; logging kl [{a.kl_direction}] (--monitor_kl; not in the loss)"
     if trainer.reference_cache is not None:
         line += f"; reference: cache {a.reference_cache} (top-{trainer.reference_cache.top_k} + tail bucket)"

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from ..errors import StoppedWithoutCheckpoint
 from ..io import METRICS_FILE, RUN_FILE, write_json, write_text
+from ..objectives import ObjectiveSettings
 
 TOTALS_FILE = "asft_totals.json"  # in each checkpoint: what the run did up to it (a resumed run's summary adds it)
 
@@ -58,12 +59,9 @@ def truncate_metrics(path: Path, step: int, drop_summaries: bool = False) -> int
 
 
 # The settings that define a run's objective: resuming with other values is refused unless accepted.
+# Every field of the objective (the weight rule, its parameters, the anchor) is one of them, and the run's length.
 RUN_SETTINGS = (
-    "mode",
-    "kl_weight",
-    "kl_direction",
-    "iw_max",
-    "iw_level",
+    *ObjectiveSettings.fields(),
     "loss_normalization",
     "learning_rate",
     "lr_scheduler_type",

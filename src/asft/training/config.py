@@ -8,23 +8,23 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from ..errors import ConfigError
-from ..objectives import IW_LEVELS, KL_DIRECTIONS, MODE_ALIASES, MODES, needs_reference, normalize_mode
+from ..objectives import IW_LEVELS, KL_DIRECTIONS, MODE_ALIASES, MODES, ObjectiveSettings, normalize_mode
 
 MODE_CHOICES = (*MODES, *[a for a in MODE_ALIASES if a == "sft+kl"])
 
+
 # The objective's settings and the modes that use them: `asft train` refuses one given for a mode outside its
 # entry (it would be silently ignored). A new mode or setting is one entry here.
-SETTING_MODES = {"kl_weight": ("sft_kl", "asft"), "iw_max": ("iw_sft",), "iw_level": ("iw_sft",)}
-
-
 def ignored_settings(config, given: set[str]) -> list[str]:
-    """The settings in `given` (names set by the user) that `config`'s objective does not use, each with why."""
-    ignored = [
-        f"{name}: mode {config.mode!r} does not use it (only {', '.join(modes)})"
-        for name, modes in SETTING_MODES.items()
-        if name in given and config.mode not in modes
-    ]
-    if "iw_max" in given and config.mode == "iw_sft" and config.iw_level == "token":
+    """The settings in `given` (names set by the user) that `config`'s objective does not use, each with why. The
+    weight rule's own parameters are checked by ObjectiveSettings (`asft.objectives.WEIGHT_RULES` lists them)."""
+    objective, ignored = config.objective, []
+    if "kl_weight" in given and not objective.anchored:
+        ignored.append(f"kl_weight: mode {objective.mode!r} has no KL anchor (sft_kl, asft, or --anchor on a rule)")
+    for name in ("iw_max", "iw_level"):
+        if name in given and name not in objective.rule.params:
+            ignored.append(f"{name}: mode {objective.mode!r} does not use it (only iw_sft)")
+    if "iw_max" in given and objective.mode == "iw_sft" and objective.iw_level == "token":
         ignored.append("iw_max: --iw_level token clamps the ratio to [0.2, 1.8] and does not use it")
     return ignored
 
@@ -33,14 +33,18 @@ def ignored_settings(config, given: set[str]) -> list[str]:
 class AnchoredSFTConfig(SFTConfig):
     """Configuration of [`AnchoredSFTTrainer`]: everything in TRL's `SFTConfig`, plus the objective.
 
-    The loss of each mode is in `asft.objectives`; `kl_weight` only matters for the modes with a KL anchor
-    (`sft_kl`, `asft`), `iw_max` / `iw_level` only for `iw_sft`.
+    The loss of each mode is in `asft.objectives` (one objective, a token weight per mode); `kl_weight` only
+    matters with the KL anchor (`sft_kl`, `asft`, or `anchor` on another mode), `iw_max` / `iw_level` only for
+    `iw_sft`. A rule parameter (weight_power, weight_floor, eaft_*) given to a mode that ignores it is an error.
     """
 
     mode: str | None = field(
         default=None,
         metadata={
-            "help": "Objective: sft | dft | sft_kl (alias sft+kl) | asft | iw_sft (default: asft).",
+            "help": "Objective: sft | dft | sft_kl (alias sft+kl) | asft | iw_sft | eaft | prift (default: asft). "
+            "Each is sg[w_t] * CE_t (+ kl_weight * KL_t when anchored) with its own token weight w_t: sft 1, dft "
+            "p(y_t)^weight_power, sft_kl / asft the same two anchored, iw_sft the policy / reference ratio, eaft "
+            "(top-k entropy / 3)^eaft_power, prift the reference's p(y_t).",
             "choices": list(MODE_CHOICES),
         },
     )
@@ -72,6 +76,30 @@ class AnchoredSFTConfig(SFTConfig):
         metadata={
             "help": "iw_sft: 'sequence' (the authors' default) or 'token' (ratio clamped to [0.2, 1.8]).",
             "choices": list(IW_LEVELS),
+        },
+    )
+    weight_power: float = field(
+        default=1.0,
+        metadata={
+            "help": "dft / asft: w = p(y_t)^ALPHA (Beyond Log Likelihood, arXiv 2510.00526): 1 is DFT, 0 is SFT."
+        },
+    )
+    weight_floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "Any weighted mode (dft, asft, iw_sft, eaft, prift): w = max(w, F), so that no token stops "
+            "learning (0: off; 1 turns dft into sft)."
+        },
+    )
+    eaft_topk: int = field(
+        default=20, metadata={"help": "eaft: the entropy H_t is over the softmax of the policy's top-K logits."}
+    )
+    eaft_power: float = field(default=1.0, metadata={"help": "eaft: w = (H_t / 3.0)^ALPHA."})
+    anchor: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Add the KL anchor (kl_weight x KL to the frozen reference) to the loss of dft, eaft, prift, "
+            "iw_sft or sft (dft --anchor is asft spelled out). sft_kl and asft are anchored by definition."
         },
     )
     loss_normalization: str = field(
@@ -131,11 +159,11 @@ class AnchoredSFTConfig(SFTConfig):
     monitor_kl: bool = field(
         default=False,
         metadata={
-            "help": "sft / dft: also log `kl`, the KL to the reference (in --kl_direction, per response "
-            "token), without changing the loss or its gradient. Off by default: it costs a reference "
-            "forward per step and, under full fine-tuning, a frozen copy of the model in memory "
-            "(LoRA: the adapter-disabled base, no extra weights). Modes with a reference (sft_kl, "
-            "asft, iw_sft) always log kl."
+            "help": "Modes without the anchor (sft, dft, iw_sft, eaft, prift): also log `kl`, the KL to the "
+            "reference (in --kl_direction, per response token), without changing the loss or its gradient. Off by "
+            "default: it costs a reference forward per step and, under full fine-tuning, a frozen copy of the "
+            "model in memory (LoRA: the adapter-disabled base, no extra weights). Modes with a reference "
+            "(sft_kl, asft, iw_sft, prift, anchored ones) always log kl."
         },
     )
 
@@ -177,14 +205,10 @@ class AnchoredSFTConfig(SFTConfig):
             raise ConfigError(str(e)) from None
         # TRL's SFTTrainer would apply its own DFT loss for loss_type="dft": the objective is ours, `mode`.
         self.mode, self.loss_type = mode, "nll"
-        if self.kl_weight is None or self.kl_weight < 0:
-            raise ConfigError(f"kl_weight: must be >= 0, got {self.kl_weight}")
-        if self.kl_direction not in KL_DIRECTIONS:
-            raise ConfigError(f"kl_direction: unknown value {self.kl_direction!r}; expected forward or reverse")
-        if self.iw_max <= 0:
-            raise ConfigError(f"iw_max: must be > 0, got {self.iw_max}")
-        if self.iw_level not in IW_LEVELS:
-            raise ConfigError(f"iw_level: unknown value {self.iw_level!r}; expected sequence or token")
+        try:  # every objective field at once, with the objective's own rules (asft.objectives)
+            objective = self.objective
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.loss_normalization not in ("global", "micro_batch"):
             raise ConfigError(f"loss_normalization: unknown value {self.loss_normalization!r}")
         if self.loss_implementation not in ("fused", "naive"):
@@ -203,18 +227,23 @@ class AnchoredSFTConfig(SFTConfig):
                 "reference_cache: packing and padding_free are not supported with a cached reference "
                 "(the cache is indexed by example)"
             )
-        if self.mode in ("sft_kl", "asft") and self.kl_weight == 0:
+        if objective.anchored and self.kl_weight == 0:
             warnings.warn(
-                f"kl_weight=0 makes mode {self.mode!r} equal to {'sft' if self.mode == 'sft_kl' else 'dft'}"
-                " while still paying for the reference forward",
+                f"kl_weight=0 takes the KL anchor out of mode {self.mode!r}'s loss while still paying for the "
+                "reference forward",
                 stacklevel=2,
             )
         super().__post_init__()
 
     @property
+    def objective(self) -> ObjectiveSettings:
+        """The objective's settings (validated): what the loss functions take, and what a resume compares."""
+        return ObjectiveSettings.of(self)
+
+    @property
     def needs_reference(self) -> bool:
-        # --monitor_kl gives sft / dft a reference whose only use is the logged kl (see asft.objectives).
-        return needs_reference(self.mode) or bool(self.monitor_kl)
+        # --monitor_kl gives an unanchored mode a reference whose only use is the logged kl (see asft.objectives).
+        return self.objective.needs_reference or bool(self.monitor_kl)
 
 
 def _other_accelerator() -> bool:

@@ -19,7 +19,7 @@ from ..errors import DataError, TrainingDivergedError
 from ..fused import fused_token_loss, lm_head_of
 from ..io import IGNORE_INDEX, write_text
 from ..models import DTYPES
-from ..objectives import token_loss, uses_kl
+from ..objectives import token_loss
 from ..version import __version__
 from .callbacks import (
     GracefulStopCallback,
@@ -47,7 +47,7 @@ TRL_PRIVATE_NAMES = ("_set_signature_columns_if_needed",)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def fused_loss_fn(mode: str, labels, ref_hidden=None, ref_head=None, ref_cache=None, **loss_kwargs):
+def fused_loss_fn(mode, labels, ref_hidden=None, ref_head=None, ref_cache=None, **loss_kwargs):
     """The `asft_loss_fn` of a fused forward: `fused_token_loss` from the policy's last hidden states.
 
     It runs inside the policy's forward, where ZeRO-3 / FSDP let the lm_heads be gathered (`full_heads`) and the
@@ -64,7 +64,7 @@ def fused_loss_fn(mode: str, labels, ref_hidden=None, ref_head=None, ref_cache=N
 
 
 class AnchoredSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss is one of sft | dft | sft_kl | asft | iw_sft (see `asft.objectives`).
+    """SFTTrainer whose loss is one of sft | dft | sft_kl | asft | iw_sft | eaft | prift (see `asft.objectives`).
 
     Use it as TRL's SFTTrainer; `ref_model` optionally gives the frozen reference for full fine-tuning
     (a model or a path). Under LoRA (`peft_config`, or a PeftModel) the reference is the adapter-disabled policy.
@@ -193,20 +193,14 @@ class AnchoredSFTTrainer(SFTTrainer):
 
     def _loss_kwargs(self, num_items_in_batch):
         a = self.args
-        return dict(
-            kl_weight=a.kl_weight,
-            kl_direction=a.kl_direction,
-            iw_max=a.iw_max,
-            iw_level=a.iw_level,
-            num_items_in_batch=num_items_in_batch if a.loss_normalization == "global" else None,
-        )
+        return dict(num_items_in_batch=num_items_in_batch if a.loss_normalization == "global" else None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         split = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", EXAMPLE_COLUMN)}
         model_inputs["use_cache"] = False
-        mode, kwargs = self.args.mode, self._loss_kwargs(num_items_in_batch)
+        mode, kwargs = self.args.objective, self._loss_kwargs(num_items_in_batch)  # the rule, its parameters, anchor
 
         ref = {}
         if self.reference is not None:
@@ -295,18 +289,13 @@ def kl_phrase(direction: str) -> str:
 
 def model_card(trainer, model_name=None) -> str:
     a = trainer.args
-    objective = f"`{a.mode}`"
-    if uses_kl(a.mode):
-        objective += f", kl_weight {a.kl_weight}, {kl_phrase(a.kl_direction)} ({a.kl_direction})"
-    if a.mode == "iw_sft":
-        objective += ", token-level weights (clamped to [0.2, 1.8])" if a.iw_level == "token" else ""
-        objective += f", sequence-level weights, iw_max {a.iw_max}" if a.iw_level == "sequence" else ""
+    objective = ", ".join([f"`{a.mode}`", *a.objective.details()])
     base = trainer.base_model_name or "unknown"
     kind = "LoRA adapter" if trainer.is_peft else "full fine-tuning"
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [asft, trl, " + a.mode + "]",
+        "tags: [asft, trl, " + a.mode + (", anchored" if a.anchor else "") + "]",
         "---",
         "",
         f"# {model_name or Path(a.output_dir).name}",
