@@ -462,5 +462,5 @@ def test_warnings_are_one_line_without_source(tiny_model_dir, data_file, tmp_pat
     run = subprocess.run([sys.executable, "-m", "asft.cli", *argv], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     (line,) = [x for x in run.stderr.splitlines() if "kl_weight=0" in x]
-    assert line.startswith("UserWarning: kl_weight=0 makes mode 'asft' equal to dft")
+    assert line.startswith("UserWarning: kl_weight=0 takes the KL anchor out of mode 'asft'")
     assert "warnings.warn(" not in run.stderr

@@ -27,7 +27,7 @@ RUN_CONFIG, METRICS, RESULTS = RUN_FILE, METRICS_FILE, RESULTS_FILE
 # The training terms, in the order panels and tables show them (others follow alphabetically).
 TERMS = ("loss", "nll", "weighted_nll", "kl", "mean_prob", "entropy", "token_accuracy", "grad_norm", "learning_rate")
 # The final terms `asft compare` tabulates: the objective's, with the weight's mean and its low tail.
-FINAL_TERMS = (*TERMS[:5], "mean_weight", "frac_weight_below_0.1", *TERMS[5:7])
+FINAL_TERMS = (*TERMS[:5], "mean_weight", "frac_weight_below_0.1", *TERMS[5:7], "reward", "accuracy")
 # Summary keys of the Trainer's last record: not curves.
 SUMMARY_KEYS = {
     "step",
@@ -424,7 +424,6 @@ def collect(paths: list[str | Path]) -> list[RunInfo]:
 
 
 # The final terms `asft compare` tabulates: training's, then an RL run's rewards.
-FINAL_TERMS = (*TERMS[:7], "reward", "accuracy")
 
 
 def _final_terms(run: RunInfo) -> dict[str, float]:
