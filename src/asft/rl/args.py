@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..fields import arg
 
 # transformers deprecates `gradient_checkpointing` (GRPOConfig's field, TRL's calls) in favour of
 # `activation_checkpointing`: raised on every `asft rl` call, about names a user does not choose.
@@ -25,106 +26,72 @@ ALGORITHMS = {
 class RLArguments:
     """What `asft rl` needs beyond TRL's GRPOConfig (whose flags keep their own names)."""
 
-    model_name_or_path: str = field(
-        default=None,
-        metadata={
-            "help": "Starting point and RL reference: an asft run folder, a model folder, a .gguf file, "
-            "'embedded:smollm2-135m-instruct', or a LoRA adapter folder."
-        },
+    model_name_or_path: str = arg(
+        None,
+        "Starting point and RL reference: an asft run folder, a model folder, a .gguf file, "
+        "'embedded:smollm2-135m-instruct', or a LoRA adapter folder.",
     )
-    data_path: str = field(
-        default=None,
-        metadata={
-            "help": "Problem files `asft eval` reads (comma-separated): math (GSM8K, MATH, MATH-500, AIME, "
-            "AMC) for --reward math; MedQA / MedMCQA / MMLU for --reward choice."
-        },
+    data_path: str = arg(
+        None,
+        "Problem files `asft eval` reads (comma-separated): math (GSM8K, MATH, MATH-500, AIME, "
+        "AMC) for --reward math; MedQA / MedMCQA / MMLU for --reward choice.",
     )
-    reward: str = field(
-        default=None,
-        metadata={
-            "help": "Correctness reward: math (math-verify, as `asft eval --task math`) or choice (the option "
-            "letter, as `asft eval --task medical`)."
-        },
+    reward: str = arg(
+        None,
+        "Correctness reward: math (math-verify, as `asft eval --task math`) or choice (the option "
+        "letter, as `asft eval --task medical`).",
     )
-    format_reward: bool = field(
-        default=False, metadata={"help": "Add a format reward (math: a closed \\boxed{}; choice: a readable letter)."}
+    format_reward: bool = arg(False, "Add a format reward (math: a closed \\boxed{}; choice: a readable letter).")
+    format_reward_weight: float = arg(0.2, "Weight of the format reward (when --reward_weights is not given).")
+    reward_funcs: str | None = arg(
+        None,
+        "Extra rewards, comma-separated module:function, with TRL's signature "
+        "f(prompts, completions, **kwargs) -> list[float]; the columns gold and letters are passed.",
     )
-    format_reward_weight: float = field(
-        default=0.2, metadata={"help": "Weight of the format reward (when --reward_weights is not given)."}
+    reward_timeout: float = arg(5.0, "Seconds per completion before its grading counts as timed out (scores 0).")
+    algorithm: str = arg(
+        "dapo",
+        "Preset of GRPOConfig values (flags you give win): grpo (loss_type grpo, beta 0.04), dapo "
+        "(loss_type dapo, epsilon_high 0.28, beta 0, dynamic sampling, overlong punishment), "
+        "dr_grpo (loss_type dr_grpo, scale_rewards none, beta 0).",
     )
-    reward_funcs: str | None = field(
-        default=None,
-        metadata={
-            "help": "Extra rewards, comma-separated module:function, with TRL's signature "
-            "f(prompts, completions, **kwargs) -> list[float]; the columns gold and letters are passed."
-        },
+    dynamic_sampling: bool | None = arg(
+        None, "Mask out of the loss the groups whose correctness rewards are all equal (default: on for dapo)."
     )
-    reward_timeout: float = field(
-        default=5.0, metadata={"help": "Seconds per completion before its grading counts as timed out (scores 0)."}
+    overlong_buffer: int | None = arg(
+        None,
+        "DAPO's soft overlong punishment: completions longer than max_completion_length - buffer "
+        "lose up to 1 reward linearly (default: max_completion_length // 5 for dapo, else off; 0 "
+        "turns it off).",
     )
-    algorithm: str = field(
-        default="dapo",
-        metadata={
-            "help": "Preset of GRPOConfig values (flags you give win): grpo (loss_type grpo, beta 0.04), dapo "
-            "(loss_type dapo, epsilon_high 0.28, beta 0, dynamic sampling, overlong punishment), "
-            "dr_grpo (loss_type dr_grpo, scale_rewards none, beta 0)."
-        },
+    monitor_kl: bool = arg(
+        True,
+        "With beta = 0 (dapo, dr_grpo), still log `kl` to the starting point each step (TRL's k3 "
+        "estimate at generation time; never in the loss). Full fine-tuning holds a frozen copy of "
+        "the start for it; false saves that memory and two forwards a step.",
     )
-    dynamic_sampling: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Mask out of the loss the groups whose correctness rewards are all equal (default: on for dapo)."
-        },
+    template: str = arg(
+        "auto",
+        "Prompt rendering, as training and evaluation: auto, alpaca, chat, none.",
+        choices=["auto", "alpaca", "chat", "none"],
     )
-    overlong_buffer: int | None = field(
-        default=None,
-        metadata={
-            "help": "DAPO's soft overlong punishment: completions longer than max_completion_length - buffer "
-            "lose up to 1 reward linearly (default: max_completion_length // 5 for dapo, else off; 0 "
-            "turns it off)."
-        },
+    base_model: str | None = arg(None, "Base of a LoRA adapter start (default: the adapter's base_model_name_or_path).")
+    merge_adapter: bool = arg(
+        False,
+        "Merge a LoRA adapter start into its base first and train all weights (the merged model, "
+        "written to <output_dir>/start-merged, is the reference).",
     )
-    monitor_kl: bool = field(
-        default=True,
-        metadata={
-            "help": "With beta = 0 (dapo, dr_grpo), still log `kl` to the starting point each step (TRL's k3 "
-            "estimate at generation time; never in the loss). Full fine-tuning holds a frozen copy of "
-            "the start for it; false saves that memory and two forwards a step."
-        },
+    use_lora: bool = arg(False, "Train a new LoRA adapter on a full-model start.")
+    lora_r: int = arg(8, "LoRA rank (with --use_lora).")
+    lora_alpha: int = arg(16, "LoRA alpha.")
+    lora_dropout: float = arg(0.05, "LoRA dropout.")
+    lora_target_modules: str = arg("q_proj,v_proj", "LoRA target modules, or all-linear.")
+    model_dtype: str = arg(
+        "float32",
+        "dtype of the trainable weights (use --bf16 for mixed precision).",
+        choices=["float32", "bfloat16", "float16"],
     )
-    template: str = field(
-        default="auto",
-        metadata={
-            "help": "Prompt rendering, as training and evaluation: auto, alpaca, chat, none.",
-            "choices": ["auto", "alpaca", "chat", "none"],
-        },
-    )
-    base_model: str | None = field(
-        default=None,
-        metadata={"help": "Base of a LoRA adapter start (default: the adapter's base_model_name_or_path)."},
-    )
-    merge_adapter: bool = field(
-        default=False,
-        metadata={
-            "help": "Merge a LoRA adapter start into its base first and train all weights (the merged model, "
-            "written to <output_dir>/start-merged, is the reference)."
-        },
-    )
-    use_lora: bool = field(default=False, metadata={"help": "Train a new LoRA adapter on a full-model start."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (with --use_lora)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "LoRA target modules, or all-linear."})
-    model_dtype: str = field(
-        default="float32",
-        metadata={
-            "help": "dtype of the trainable weights (use --bf16 for mixed precision).",
-            "choices": ["float32", "bfloat16", "float16"],
-        },
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow training into an output directory that holds another run."}
-    )
+    overwrite_output_dir: bool = arg(False, "Allow training into an output directory that holds another run.")
 
 
 def check_rl_args(script: RLArguments, config) -> None:

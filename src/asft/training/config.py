@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trl import SFTConfig
 
 from ..errors import ConfigError
+from ..fields import arg
 from ..objectives import IW_LEVELS, KL_DIRECTIONS, MODE_ALIASES, MODES, ObjectiveSettings, normalize_mode
 
 MODE_CHOICES = (*MODES, *[a for a in MODE_ALIASES if a == "sft+kl"])
@@ -38,147 +39,108 @@ class AnchoredSFTConfig(SFTConfig):
     `iw_sft`. A rule parameter (weight_power, weight_floor, eaft_*) given to a mode that ignores it is an error.
     """
 
-    mode: str | None = field(
-        default=None,
-        metadata={
-            "help": "Objective: sft | dft | sft_kl (alias sft+kl) | asft | iw_sft | eaft | prift (default: asft). "
-            "Each is sg[w_t] * CE_t (+ kl_weight * KL_t when anchored) with its own token weight w_t: sft 1, dft "
-            "p(y_t)^weight_power, sft_kl / asft the same two anchored, iw_sft the policy / reference ratio, eaft "
-            "(top-k entropy / 3)^eaft_power, prift the reference's p(y_t).",
-            "choices": list(MODE_CHOICES),
-        },
+    mode: str | None = arg(
+        None,
+        "Objective: sft | dft | sft_kl (alias sft+kl) | asft | iw_sft | eaft | prift (default: asft). "
+        "Each is sg[w_t] * CE_t (+ kl_weight * KL_t when anchored) with its own token weight w_t: sft 1, dft "
+        "p(y_t)^weight_power, sft_kl / asft the same two anchored, iw_sft the policy / reference ratio, eaft "
+        "(top-k entropy / 3)^eaft_power, prift the reference's p(y_t).",
+        choices=MODE_CHOICES,
     )
-    loss_type: str | None = field(
-        default=None,
-        metadata={
-            "help": "TRL's name for --mode, with the same choices; given with a different --mode it is an error.",
-            "choices": list(MODE_CHOICES),
-        },
+    loss_type: str | None = arg(
+        None,
+        "TRL's name for --mode, with the same choices; given with a different --mode it is an error.",
+        choices=MODE_CHOICES,
     )
-    kl_weight: float = field(
-        default=0.03,
-        metadata={
-            "help": "Weight of the KL anchor to the frozen reference (sft_kl, asft). 0.03 is the authors' "
-            "advice under bf16/fp16; the paper's main runs used 0.05."
-        },
+    kl_weight: float = arg(
+        0.03,
+        "Weight of the KL anchor to the frozen reference (sft_kl, asft). 0.03 is the authors' "
+        "advice under bf16/fp16; the paper's main runs used 0.05.",
     )
-    kl_direction: str = field(
-        default="forward",
-        metadata={
-            "help": "forward = KL(reference || policy), as the paper's code and LLaMA-Factory compute it; "
-            "reverse = KL(policy || reference), as printed in the paper's first version.",
-            "choices": list(KL_DIRECTIONS),
-        },
+    kl_direction: str = arg(
+        "forward",
+        "forward = KL(reference || policy), as the paper's code and LLaMA-Factory compute it; "
+        "reverse = KL(policy || reference), as printed in the paper's first version.",
+        choices=KL_DIRECTIONS,
     )
-    iw_max: float = field(default=16.0, metadata={"help": "iw_sft: upper clamp of the sequence-level weight."})
-    iw_level: str = field(
-        default="sequence",
-        metadata={
-            "help": "iw_sft: 'sequence' (the authors' default) or 'token' (ratio clamped to [0.2, 1.8]).",
-            "choices": list(IW_LEVELS),
-        },
+    iw_max: float = arg(16.0, "iw_sft: upper clamp of the sequence-level weight.")
+    iw_level: str = arg(
+        "sequence",
+        "iw_sft: 'sequence' (the authors' default) or 'token' (ratio clamped to [0.2, 1.8]).",
+        choices=IW_LEVELS,
     )
-    weight_power: float = field(
-        default=1.0,
-        metadata={
-            "help": "dft / asft: w = p(y_t)^ALPHA (Beyond Log Likelihood, arXiv 2510.00526): 1 is DFT, 0 is SFT."
-        },
+    weight_power: float = arg(
+        1.0, "dft / asft: w = p(y_t)^ALPHA (Beyond Log Likelihood, arXiv 2510.00526): 1 is DFT, 0 is SFT."
     )
-    weight_floor: float = field(
-        default=0.0,
-        metadata={
-            "help": "Any weighted mode (dft, asft, iw_sft, eaft, prift): w = max(w, F), so that no token stops "
-            "learning (0: off; 1 turns dft into sft)."
-        },
+    weight_floor: float = arg(
+        0.0,
+        "Any weighted mode (dft, asft, iw_sft, eaft, prift): w = max(w, F), so that no token stops "
+        "learning (0: off; 1 turns dft into sft).",
     )
-    eaft_topk: int = field(
-        default=20, metadata={"help": "eaft: the entropy H_t is over the softmax of the policy's top-K logits."}
+    eaft_topk: int = arg(20, "eaft: the entropy H_t is over the softmax of the policy's top-K logits.")
+    eaft_power: float = arg(1.0, "eaft: w = (H_t / 3.0)^ALPHA.")
+    anchor: bool | None = arg(
+        None,
+        "Add the KL anchor (kl_weight x KL to the frozen reference) to the loss of dft, eaft, prift, "
+        "iw_sft or sft (dft --anchor is asft spelled out). sft_kl and asft are anchored by definition.",
     )
-    eaft_power: float = field(default=1.0, metadata={"help": "eaft: w = (H_t / 3.0)^ALPHA."})
-    anchor: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Add the KL anchor (kl_weight x KL to the frozen reference) to the loss of dft, eaft, prift, "
-            "iw_sft or sft (dft --anchor is asft spelled out). sft_kl and asft are anchored by definition."
-        },
+    loss_normalization: str = arg(
+        "global",
+        "global: divide by the response tokens of the whole optimizer step (all accumulation "
+        "steps and ranks), so the gradient does not depend on the batch split. micro_batch: mean "
+        "per micro-batch, as the paper's script does (for exact comparisons).",
+        choices=["global", "micro_batch"],
     )
-    loss_normalization: str = field(
-        default="global",
-        metadata={
-            "help": "global: divide by the response tokens of the whole optimizer step (all accumulation "
-            "steps and ranks), so the gradient does not depend on the batch split. micro_batch: mean "
-            "per micro-batch, as the paper's script does (for exact comparisons).",
-            "choices": ["global", "micro_batch"],
-        },
+    loss_implementation: str = arg(
+        "fused",
+        "fused: chunked loss from hidden states, never materialising [tokens x vocab] logits "
+        "(falls back to naive when the model has no output embeddings). naive: full logits.",
+        choices=["fused", "naive"],
     )
-    loss_implementation: str = field(
-        default="fused",
-        metadata={
-            "help": "fused: chunked loss from hidden states, never materialising [tokens x vocab] logits "
-            "(falls back to naive when the model has no output embeddings). naive: full logits.",
-            "choices": ["fused", "naive"],
-        },
+    fused_chunk_size: int = arg(1024, "Tokens per chunk of the fused loss.")
+    reference_model_path: str | None = arg(
+        None,
+        "Full fine-tuning: checkpoint of the frozen reference (default: the policy's own "
+        "starting checkpoint). Ignored under LoRA, where the reference is the adapter-disabled "
+        "base.",
     )
-    fused_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the fused loss."})
-    reference_model_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Full fine-tuning: checkpoint of the frozen reference (default: the policy's own "
-            "starting checkpoint). Ignored under LoRA, where the reference is the adapter-disabled "
-            "base."
-        },
+    reference_cache: str | None = arg(
+        None,
+        "Folder of a reference cache built by `asft cache-reference` on the same data, template, "
+        "tokenizer and max length: the KL anchor (and iw_sft's weights) come from the reference's "
+        "stored top-k log-probs, and no reference model is loaded (full fine-tuning and LoRA). "
+        "The KL is then taken over the top-k tokens plus one tail bucket (a lower bound, exact "
+        "when k = vocabulary).",
     )
-    reference_cache: str | None = field(
-        default=None,
-        metadata={
-            "help": "Folder of a reference cache built by `asft cache-reference` on the same data, template, "
-            "tokenizer and max length: the KL anchor (and iw_sft's weights) come from the reference's "
-            "stored top-k log-probs, and no reference model is loaded (full fine-tuning and LoRA). "
-            "The KL is then taken over the top-k tokens plus one tail bucket (a lower bound, exact "
-            "when k = vocabulary)."
-        },
-    )
-    reference_dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "dtype of the frozen reference copy (float32 | bfloat16 | float16); default: the "
-            "policy's. The reference is never updated, so bf16 is safe and halves its memory."
-        },
+    reference_dtype: str | None = arg(
+        None,
+        "dtype of the frozen reference copy (float32 | bfloat16 | float16); default: the "
+        "policy's. The reference is never updated, so bf16 is safe and halves its memory.",
     )
 
-    max_length: int | None = field(
-        default=2048,
-        metadata={
-            "help": "Tokens per example; longer ones are cut from the right, and asft train reports how many "
-            "examples and response tokens that removes (also --model_max_length, the paper's name)."
-        },
+    max_length: int | None = arg(
+        2048,
+        "Tokens per example; longer ones are cut from the right, and asft train reports how many "
+        "examples and response tokens that removes (also --model_max_length, the paper's name).",
     )
-    logging_steps: float = field(
-        default=1, metadata={"help": "Log every term every N optimizer steps (default 1, as the paper's script)."}
-    )
-    monitor_kl: bool = field(
-        default=False,
-        metadata={
-            "help": "Modes without the anchor (sft, dft, iw_sft, eaft, prift): also log `kl`, the KL to the "
-            "reference (in --kl_direction, per response token), without changing the loss or its gradient. Off by "
-            "default: it costs a reference forward per step and, under full fine-tuning, a frozen copy of the "
-            "model in memory (LoRA: the adapter-disabled base, no extra weights). Modes with a reference "
-            "(sft_kl, asft, iw_sft, prift, anchored ones) always log kl."
-        },
+    logging_steps: float = arg(1, "Log every term every N optimizer steps (default 1, as the paper's script).")
+    monitor_kl: bool = arg(
+        False,
+        "Modes without the anchor (sft, dft, iw_sft, eaft, prift): also log `kl`, the KL to the "
+        "reference (in --kl_direction, per response token), without changing the loss or its gradient. Off by "
+        "default: it costs a reference forward per step and, under full fine-tuning, a frozen copy of the "
+        "model in memory (LoRA: the adapter-disabled base, no extra weights). Modes with a reference "
+        "(sft_kl, asft, iw_sft, prift, anchored ones) always log kl.",
     )
 
-    bf16: bool | None = field(
-        default=None,
-        metadata={
-            "help": "bf16 mixed precision (float32 master weights, autocast). Default: on when a "
-            "bf16-capable GPU is present, off on CPU. Works on CPU too (bf16 autocast)."
-        },
+    bf16: bool | None = arg(
+        None,
+        "bf16 mixed precision (float32 master weights, autocast). Default: on when a "
+        "bf16-capable GPU is present, off on CPU. Works on CPU too (bf16 autocast).",
     )
     # TRL turns this on by default; here it stays off unless asked (--activation_checkpointing), as in
     # transformers: small models on CPU or one GPU train ~25% faster without it.
-    gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of --activation_checkpointing (default off)."}
-    )
+    gradient_checkpointing: bool | None = arg(None, "Deprecated alias of --activation_checkpointing (default off).")
 
     def __post_init__(self):
         if self.bf16 is None:
