@@ -26,6 +26,10 @@ DTYPES = {
 }
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what --model_dtype / --reference_dtype / --dtype accept
+BACKENDS = ("hf", "vllm")  # transformers on CPU or GPU; vLLM on a GPU
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ASFT_CACHE", Path.home() / ".cache" / "asft"))
 
@@ -260,8 +264,8 @@ def check_backend(name: str) -> None:
     package and a CUDA GPU)."""
     if name == "hf":
         return
-    if name != "vllm":
-        raise ConfigError(f"backend: unknown value {name!r}; expected hf or vllm")
+    if name not in BACKENDS:
+        raise ConfigError(f"backend: unknown value {name!r}; expected {' or '.join(BACKENDS)}")
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
             "backend: --backend vllm needs the vllm package (pip install 'asft[vllm]') and a CUDA GPU; use --backend hf"

@@ -16,8 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
+from ..cache.store import STORE_DTYPES
 from ..errors import ConfigError
-from ..models import check_backend
+from ..models import BACKENDS, DTYPE_NAMES, check_backend
 from .args import check_numbers
 
 
@@ -51,23 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default="float16",
-        choices=["float16", "bfloat16", "float32"],
+        choices=STORE_DTYPES,
         help="storage dtype of the top-k log-probs (the tail and label log-probs are float32)",
     )
     p.add_argument("--output_dir", help="the cache folder")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built from other data or settings")
     p.add_argument(
-        "--backend",
-        default="hf",
-        choices=["hf", "vllm"],
-        help="hf: transformers, CPU or GPU, batched; vllm: prompt log-probs on a GPU",
+        "--backend", default="hf", choices=BACKENDS, help="hf: transformers (batched); vllm: prompt log-probs"
     )
-    p.add_argument(
-        "--reference_dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="dtype the reference is loaded in",
-    )
+    p.add_argument("--reference_dtype", default="float32", choices=DTYPE_NAMES, help="dtype the reference is loaded in")
     p.add_argument("--batch_size", type=int, default=8, help="examples per forward")
     p.add_argument("--shard_size", type=int, default=1024, help="examples per shard (the unit of resuming)")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.8, help="vllm only")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..models import DTYPE_NAMES
+
 
 def main(argv: list[str]) -> int:
     from ..models import merge_lora as merge
@@ -25,6 +27,6 @@ def parser():
     p.add_argument("--base_model_path", required=True, help="base model (folder, hub id, .gguf, embedded:...)")
     p.add_argument("--lora_model_path", required=True, help="adapter folder (with adapter_config.json)")
     p.add_argument("--output_dir", required=True, help="where to write the merged model")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="dtype to save in")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="dtype to save in")
     p.add_argument("--overwrite_output_dir", action="store_true", help="replace a non-empty output_dir")
     return p

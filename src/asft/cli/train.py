@@ -11,6 +11,7 @@ from ..errors import UsageError
 from ..evaluation.callback import TaskEvalArguments
 from ..fields import arg
 from ..io import METRICS_FILE
+from ..models import DTYPE_NAMES
 from ..training.checkpoints import check_output_dir, check_resume, clear_run, dataset_fingerprint, resolve_resume
 from .args import argv_with_yaml, check_known_flags, dataclass_parser, given, stopped_message, yaml_file_of
 
@@ -54,7 +55,7 @@ class ScriptArguments(TaskEvalArguments):
         "float32",
         "dtype the trainable weights are loaded in. Keep float32 and use --bf16 for mixed "
         "precision; bf16 weights stepped by AdamW barely train.",
-        choices=["float32", "bfloat16", "float16"],
+        choices=DTYPE_NAMES,
     )
     on_bad_rows: str = arg(
         "error", "error: stop at the first bad data row; skip: drop bad rows and say which.", choices=["error", "skip"]

@@ -14,6 +14,8 @@ import sys
 from ..data.templates import ALPACA_NOTE, TEMPLATES, resolve_template
 from ..errors import EvalError
 from ..models import (
+    BACKENDS,
+    DTYPE_NAMES,
     adapter_base,
     check_backend,
     is_adapter_dir,
@@ -91,10 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model and backend")
     g.add_argument(
-        "--backend",
-        default="hf",
-        choices=["hf", "vllm"],
-        help="hf: transformers, CPU or GPU; vllm: GPU only (pip install 'asft[vllm]')",
+        "--backend", default="hf", choices=BACKENDS, help="hf: transformers; vllm: a GPU, pip install 'asft[vllm]'"
     )
     g.add_argument(
         "--batch_size",
@@ -115,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=["auto", *DTYPE_NAMES],
         help="weights' dtype; auto: float32 on CPU, bfloat16 (else float16) on GPU",
     )
     g.add_argument("--device", default="auto", help="hf backend device: auto, cpu, cuda, cuda:1, ...")

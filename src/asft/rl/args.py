@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..fields import arg
+from ..models import DTYPE_NAMES
 
 # transformers deprecates `gradient_checkpointing` (GRPOConfig's field, TRL's calls) in favour of
 # `activation_checkpointing`: raised on every `asft rl` call, about names a user does not choose.
@@ -87,9 +88,7 @@ class RLArguments:
     lora_dropout: float = arg(0.05, "LoRA dropout.")
     lora_target_modules: str = arg("q_proj,v_proj", "LoRA target modules, or all-linear.")
     model_dtype: str = arg(
-        "float32",
-        "dtype of the trainable weights (use --bf16 for mixed precision).",
-        choices=["float32", "bfloat16", "float16"],
+        "float32", "dtype of the trainable weights (use --bf16 for mixed precision).", choices=DTYPE_NAMES
     )
     overwrite_output_dir: bool = arg(False, "Allow training into an output directory that holds another run.")
 
