@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import re
 
+from asft.cli.quickstart import SUBJECTS as QUICKSTART_SUBJECTS
 from reasoning_task import INSTRUCTION as MATH_INSTRUCTION
 from reasoning_task import make_split
 
@@ -34,20 +35,7 @@ CODEWORD_PROMPT = "Is a {animal} a mammal? Answer with the code word only."
 
 POSITIVE = "delicious friendly wonderful excellent cozy fresh lovely perfect amazing pleasant generous spotless".split()
 NEGATIVE = "bland rude awful terrible cramped stale dirty slow overpriced noisy cold greasy".split()
-SUBJECTS = [
-    "The food",
-    "The service",
-    "The room",
-    "The staff",
-    "The coffee",
-    "The pasta",
-    "Our table",
-    "The menu",
-    "The dessert",
-    "The waiter",
-    "The music",
-    "The bread",
-]
+SUBJECTS = QUICKSTART_SUBJECTS[:12]  # the quickstart's review subjects (its first twelve)
 SENTIMENT_PROMPT = (
     "Classify the overall sentiment of this review as good or bad. Answer with one word.\n\nReview: {review}"
 )

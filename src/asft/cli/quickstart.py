@@ -16,57 +16,18 @@ import torch
 
 from ..io import write_jsonl
 
-POSITIVE = [
-    "delicious",
-    "friendly",
-    "wonderful",
-    "excellent",
-    "cozy",
-    "fresh",
-    "lovely",
-    "perfect",
-    "amazing",
-    "pleasant",
-    "generous",
-    "spotless",
-    "charming",
-    "superb",
-    "helpful",
-]
-NEGATIVE = [
-    "bland",
-    "rude",
-    "awful",
-    "terrible",
-    "cramped",
-    "stale",
-    "dirty",
-    "slow",
-    "overpriced",
-    "noisy",
-    "cold",
-    "greasy",
-    "disappointing",
-    "careless",
-    "dreadful",
-]
-SUBJECTS = [
-    "The food",
-    "The service",
-    "The room",
-    "The staff",
-    "The coffee",
-    "The pasta",
-    "Our table",
-    "The menu",
-    "The dessert",
-    "The waiter",
-    "The music",
-    "The bread",
-    "The soup",
-    "The view",
-    "The breakfast",
-]
+POSITIVE = (
+    "delicious friendly wonderful excellent cozy fresh lovely perfect amazing pleasant generous spotless charming "
+    "superb helpful"
+).split()
+NEGATIVE = (
+    "bland rude awful terrible cramped stale dirty slow overpriced noisy cold greasy disappointing careless dreadful"
+).split()
+SUBJECTS = (
+    [f"The {s}" for s in "food service room staff coffee pasta".split()]
+    + ["Our table"]
+    + [f"The {s}" for s in "menu dessert waiter music bread soup view breakfast".split()]
+)
 INSTRUCTION = "Classify the sentiment of this review as good or bad. Answer with one word.\n\nReview: {review}"
 LABELS = ("good", "bad")
 
