@@ -213,6 +213,16 @@ def plot_metrics(
     return fig
 
 
+def _finish(fig, ax, output: str | Path | None):
+    """A one-panel figure's legend, grid and layout; saved to `output` when given."""
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    if output is not None:
+        _save(fig, output)
+    return fig
+
+
 def _save(fig, output: str | Path) -> Path:
     output = Path(output)
     if output.suffix.lower() not in (".png", ".svg", ".pdf"):
@@ -265,12 +275,7 @@ def plot_probs(models: dict[str, list[float]], output: str | Path | None = None,
     ax.set_xlabel("p(y_t): probability of the reference token")
     ax.set_ylabel("share of response tokens")
     ax.set_title("Token probabilities over the data's responses")
-    ax.legend(fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    if output is not None:
-        _save(fig, output)
-    return fig
+    return _finish(fig, ax, output)
 
 
 # -------------------------------------------------------------------------------------------------- compare
@@ -675,12 +680,7 @@ def plot_prob_bins(table: dict, output: str | Path | None = None):
     ax.set_ylabel("mean p(y_t) (teacher forced)")
     ax.set_ylim(0, 1.02)
     ax.set_title("Where training moved the tokens, by the base model's prior")
-    ax.legend(fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    if output is not None:
-        _save(fig, output)
-    return fig
+    return _finish(fig, ax, output)
 
 
 def write_extras(rows: list[RunInfo], out: Path, report: dict, probs: dict | None = None) -> list[str]:
