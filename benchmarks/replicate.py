@@ -44,6 +44,7 @@ SRC = HERE.parent / "src"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(SRC))
 
+from asft.cli.args import flags_to_argv  # noqa: E402
 from asft.objectives import uses_kl  # noqa: E402
 from reasoning_task import INSTRUCTION, write_task  # noqa: E402
 
@@ -168,37 +169,17 @@ def base_answers(base: str, instructions: list[str], max_new_tokens: int) -> lis
 
 def train(mode: str, base: str, paths: dict, out: Path, s: dict, seed: int | None = None) -> float:
     """`asft train` in a child process (a fresh interpreter per mode: nothing carries over between runs)."""
-    argv = [
-        sys.executable,
-        *"-m asft.cli train --model_name_or_path".split(),
-        base,
-        "--data_path",
-        str(paths["train"]),
-        "--output_dir",
-        str(out),
-        "--overwrite_output_dir",
-        "--mode",
-        mode,
-        *(["--kl_weight", str(s["kl_weight"])] if uses_kl(mode) else []),  # others refuse it
-        "--monitor_kl",
-        "true",
-        "--max_steps",
-        str(s["max_steps"]),
-        "--per_device_train_batch_size",
-        str(s["batch"]),
-        "--learning_rate",
-        str(s["lr"]),
-        *"--lr_scheduler_type cosine --warmup_steps 2 --logging_steps 1 --save_strategy no --seed".split(),
-        str(s["seed"] if seed is None else seed),
-        *"--use_cpu true --disable_tqdm true --report_to none --eval_task math --eval_task_data".split(),
-        str(paths["test"]),
-        "--eval_task_steps",
-        str(s["eval_steps"]),
-        "--eval_task_max_new_tokens",
-        str(s["max_new_tokens"]),
-        "--eval_task_batch_size",
-        "16",
-    ]
+    run = dict(model_name_or_path=base, data_path=paths["train"], output_dir=out)
+    objective = dict(
+        mode=mode, kl_weight=s["kl_weight"] if uses_kl(mode) else None, monitor_kl=True
+    )  # others refuse it
+    budget = dict(max_steps=s["max_steps"], per_device_train_batch_size=s["batch"], learning_rate=s["lr"])
+    schedule = dict(lr_scheduler_type="cosine", warmup_steps=2, logging_steps=1, save_strategy="no")
+    quiet = dict(seed=s["seed"] if seed is None else seed, use_cpu=True, disable_tqdm=True, report_to="none")
+    evaluation = dict(eval_task="math", eval_task_data=paths["test"], eval_task_steps=s["eval_steps"])
+    evaluation.update(eval_task_max_new_tokens=s["max_new_tokens"], eval_task_batch_size=16)
+    argv = [sys.executable, *"-m asft.cli train".split(), *flags_to_argv(run), "--overwrite_output_dir"]
+    argv += flags_to_argv({**objective, **budget, **schedule, **quiet, **evaluation})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     print(f"\n=== {mode}: {s['max_steps']} steps x {s['batch']} examples ===", flush=True)
     start = time.time()
@@ -207,18 +188,8 @@ def train(mode: str, base: str, paths: dict, out: Path, s: dict, seed: int | Non
 
 
 def drift(model: Path, base: str, data: Path, out: Path) -> dict:
-    asft(
-        *"eval --task drift --model".split(),
-        str(model),
-        "--base_model",
-        base,
-        "--data",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--overwrite",
-        "--quiet",
-    )
+    what = dict(task="drift", model=model, base_model=base, data=data, output_dir=out)
+    asft("eval", *flags_to_argv(what), "--overwrite", "--quiet")
     [r] = json.loads((out / "results.json").read_text())["datasets"].values()
     return {"kl": r["value"], "nll": r["nll"], "ref_nll": r["ref_nll"]}
 

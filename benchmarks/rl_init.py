@@ -28,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "src")]
+from asft.cli.args import flags_to_argv  # noqa: E402
 from reasoning_task import INSTRUCTION, write_task  # noqa: E402
 
 BASE = "embedded:smollm2-135m-instruct"
@@ -107,28 +108,15 @@ def start_model(mode: str, args, cfg, train: Path) -> str:
             return str(folder)
     out = Path(args.output_dir) / "starts" / mode
     if not (out / "config.json").exists():
+        start = dict(max_steps=cfg["start_steps"], per_device_train_batch_size=cfg["start_batch"])
+        what = dict(model_name_or_path=BASE, data_path=train, mode=mode, output_dir=out, overwrite_output_dir=True)
         asft(
             "train",
-            "--model_name_or_path",
-            BASE,
-            "--data_path",
-            str(train),
-            "--mode",
-            mode,
-            "--output_dir",
-            str(out),
-            "--overwrite_output_dir",
-            "true",
-            "--max_steps",
-            str(cfg["start_steps"]),
-            "--per_device_train_batch_size",
-            str(cfg["start_batch"]),
-            "--learning_rate",
-            str(cfg["start_lr"]),
+            *flags_to_argv(what),
+            *flags_to_argv(dict(start, learning_rate=cfg["start_lr"])),
             *"--lr_scheduler_type cosine --warmup_steps 1 --logging_steps 1".split(),
             *CPU_RUN,
-            "--seed",
-            str(args.seed),
+            *flags_to_argv(dict(seed=args.seed)),
         )
     return str(out)
 
@@ -137,18 +125,8 @@ def accuracy(model: str, test: Path, out: Path, cfg) -> float:
     if not (out / "results.json").exists():
         asft(
             "eval",
-            "--model",
-            model,
-            "--task",
-            "math",
-            "--data",
-            str(test),
-            "--output_dir",
-            str(out),
-            "--limit",
-            str(cfg["eval_n"]),
-            "--max_new_tokens",
-            str(cfg["eval_tokens"]),
+            *flags_to_argv(dict(model=model, task="math", data=test, output_dir=out, limit=cfg["eval_n"])),
+            *flags_to_argv(dict(max_new_tokens=cfg["eval_tokens"])),
             *"--batch_size 16 --device cpu --quiet --overwrite".split(),
         )
     report = json.loads((out / "results.json").read_text())
@@ -158,35 +136,15 @@ def accuracy(model: str, test: Path, out: Path, cfg) -> float:
 def run_rl(model: str, problems: Path, out: Path, args, cfg) -> Path:
     if not (out / "config.json").exists() and not (out / "adapter_config.json").exists():
         batch = cfg["rl_prompts"] * cfg["rl_generations"]
+        what = dict(model_name_or_path=model, data_path=problems, reward="math", algorithm=args.algorithm)
+        budget = dict(max_steps=cfg["rl_steps"], per_device_train_batch_size=batch)
+        budget.update(num_generations=cfg["rl_generations"], max_completion_length=cfg["rl_tokens"])
         asft(
             "rl",
-            "--model_name_or_path",
-            model,
-            "--data_path",
-            str(problems),
-            "--reward",
-            "math",
-            "--algorithm",
-            args.algorithm,
-            "--output_dir",
-            str(out),
-            "--overwrite_output_dir",
-            "true",
-            "--max_steps",
-            str(cfg["rl_steps"]),
-            "--per_device_train_batch_size",
-            str(batch),
-            "--num_generations",
-            str(cfg["rl_generations"]),
-            "--max_completion_length",
-            str(cfg["rl_tokens"]),
-            "--learning_rate",
-            str(cfg["rl_lr"]),
-            "--gradient_checkpointing",
-            "false",
+            *flags_to_argv(dict(what, output_dir=out, overwrite_output_dir=True)),
+            *flags_to_argv(dict(budget, learning_rate=cfg["rl_lr"], gradient_checkpointing=False)),
             *CPU_RUN,
-            "--seed",
-            str(args.seed),
+            *flags_to_argv(dict(seed=args.seed)),
         )
     return out / "metrics.jsonl"
 

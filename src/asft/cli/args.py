@@ -21,8 +21,14 @@ def yaml_to_argv(path: str) -> list[str]:
         raise UsageError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(config, dict):
         raise UsageError(f"{path}: expected a mapping of option names to values")
+    return flags_to_argv(config)
+
+
+def flags_to_argv(flags: dict) -> list[str]:
+    """Command-line flags from a mapping (a YAML file's, or a script's): `--key value` each, booleans as true /
+    false, lists as several values, mappings as JSON; None leaves the flag out."""
     argv = []
-    for key, value in config.items():
+    for key, value in flags.items():
         if value is None:
             continue
         argv.append(f"--{key}")
