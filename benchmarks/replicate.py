@@ -89,8 +89,10 @@ OFF_TASK = [
 
 
 def settings(a) -> dict:
+    common = dict(lr=a.learning_rate, kl_weight=a.kl_weight, seed=a.seed, seeds=a.seeds)
     if a.quick:
         return dict(
+            common,
             n_train=16,
             n_test=4,
             max_steps=2,
@@ -99,24 +101,10 @@ def settings(a) -> dict:
             max_new_tokens=32,
             n_off_task=4,
             off_task_tokens=24,
-            lr=a.learning_rate,
-            kl_weight=a.kl_weight,
-            seed=a.seed,
-            seeds=a.seeds,
         )
+    size = dict(n_train=a.n_train, n_test=a.n_test, max_steps=a.max_steps, batch=a.batch_size, eval_steps=a.eval_steps)
     return dict(
-        n_train=a.n_train,
-        n_test=a.n_test,
-        max_steps=a.max_steps,
-        batch=a.batch_size,
-        eval_steps=a.eval_steps,
-        max_new_tokens=a.max_new_tokens,
-        n_off_task=len(OFF_TASK),
-        off_task_tokens=a.off_task_tokens,
-        lr=a.learning_rate,
-        kl_weight=a.kl_weight,
-        seed=a.seed,
-        seeds=a.seeds,
+        common, **size, max_new_tokens=a.max_new_tokens, n_off_task=len(OFF_TASK), off_task_tokens=a.off_task_tokens
     )
 
 

@@ -35,34 +35,10 @@ BASE = "embedded:smollm2-135m-instruct"
 # the tail of every training command here: no checkpoints, CPU, no progress bars
 CPU_RUN = "--save_strategy no --use_cpu true --disable_tqdm true".split()
 
-FULL = dict(
-    n_train=400,
-    n_test=100,
-    start_steps=20,
-    start_batch=8,
-    start_lr=5e-5,
-    eval_n=50,
-    eval_tokens=160,
-    rl_steps=8,
-    rl_prompts=4,
-    rl_generations=4,
-    rl_tokens=160,
-    rl_lr=1e-5,
-)
-QUICK = dict(
-    n_train=40,
-    n_test=8,
-    start_steps=2,
-    start_batch=4,
-    start_lr=5e-5,
-    eval_n=8,
-    eval_tokens=64,
-    rl_steps=2,
-    rl_prompts=2,
-    rl_generations=4,
-    rl_tokens=48,
-    rl_lr=1e-5,
-)
+FULL = dict(n_train=400, n_test=100, start_steps=20, start_batch=8, start_lr=5e-5, eval_n=50, eval_tokens=160)
+FULL.update(rl_steps=8, rl_prompts=4, rl_generations=4, rl_tokens=160, rl_lr=1e-5)
+QUICK = dict(FULL, n_train=40, n_test=8, start_steps=2, start_batch=4, eval_n=8, eval_tokens=64)
+QUICK.update(rl_steps=2, rl_prompts=2, rl_tokens=48)
 
 
 def asft(*args: str) -> None:
