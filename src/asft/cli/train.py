@@ -11,13 +11,13 @@ from ..errors import UsageError
 from ..evaluation.callback import TaskEvalArguments
 from ..fields import arg
 from ..io import METRICS_FILE
-from ..models import DTYPE_NAMES
+from ..models import ModelArguments
 from ..training.checkpoints import check_output_dir, check_resume, clear_run, dataset_fingerprint, resolve_resume
 from .args import argv_with_yaml, check_known_flags, dataclass_parser, given, stopped_message, yaml_file_of
 
 
 @dataclass
-class ScriptArguments(TaskEvalArguments):
+class ScriptArguments(TaskEvalArguments, ModelArguments):
     """What `asft train` needs beyond the training configuration (names follow the paper's script)."""
 
     model_name_or_path: str = arg(
@@ -43,20 +43,7 @@ class ScriptArguments(TaskEvalArguments):
         "Examples per optimizer step over all processes; sets gradient_accumulation_steps = "
         "global_batch_size / (per_device_train_batch_size x processes), as the paper's script.",
     )
-    use_lora: bool = arg(False, "Train a LoRA adapter instead of all weights.")
-    lora_r: int = arg(8, "LoRA rank.")
-    lora_alpha: int = arg(16, "LoRA alpha.")
-    lora_dropout: float = arg(0.05, "LoRA dropout.")
-    lora_target_modules: str = arg(
-        "q_proj,v_proj", "Comma-separated module names (the paper: q_proj,v_proj), or all-linear."
-    )
     deepspeed_config: str | None = arg(None, "DeepSpeed JSON config (the paper's flag; same as --deepspeed).")
-    model_dtype: str = arg(
-        "float32",
-        "dtype the trainable weights are loaded in. Keep float32 and use --bf16 for mixed "
-        "precision; bf16 weights stepped by AdamW barely train.",
-        choices=DTYPE_NAMES,
-    )
     on_bad_rows: str = arg(
         "error", "error: stop at the first bad data row; skip: drop bad rows and say which.", choices=["error", "skip"]
     )
@@ -227,14 +214,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"output_dir: {config.output_dir} is a file, not a folder")
 
     from ..data import build_dataset
-    from ..models import (
-        base_model_record,
-        check_lora_targets,
-        load_model,
-        load_tokenizer,
-        lora_config,
-        resolve_model_path,
-    )
+    from ..models import base_model_record, check_lora_targets, load_model, load_tokenizer, resolve_model_path
 
     model_path = resolve_model_path(script.model_name_or_path, config.trust_remote_code)
     if script.use_lora:
@@ -281,9 +261,7 @@ def main(argv: list[str]) -> int:
     model.train()
     if script.overwrite_output_dir and resume is None and (gone := clear_run(config.output_dir)):
         print(f"--overwrite_output_dir: removed the previous run's {len(gone)} file(s) and checkpoint(s)", flush=True)
-    peft_config = None
-    if script.use_lora:
-        peft_config = lora_config(script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules)
+    peft_config = script.peft_config()
     trainer = AnchoredSFTTrainer(
         model,
         args=config,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..fields import arg
-from ..models import DTYPE_NAMES
+from ..models import ModelArguments
 
 # transformers deprecates `gradient_checkpointing` (GRPOConfig's field, TRL's calls) in favour of
 # `activation_checkpointing`: raised on every `asft rl` call, about names a user does not choose.
@@ -24,7 +24,7 @@ ALGORITHMS = {
 
 
 @dataclass
-class RLArguments:
+class RLArguments(ModelArguments):
     """What `asft rl` needs beyond TRL's GRPOConfig (whose flags keep their own names)."""
 
     model_name_or_path: str = arg(
@@ -81,14 +81,6 @@ class RLArguments:
         False,
         "Merge a LoRA adapter start into its base first and train all weights (the merged model, "
         "written to <output_dir>/start-merged, is the reference).",
-    )
-    use_lora: bool = arg(False, "Train a new LoRA adapter on a full-model start.")
-    lora_r: int = arg(8, "LoRA rank (with --use_lora).")
-    lora_alpha: int = arg(16, "LoRA alpha.")
-    lora_dropout: float = arg(0.05, "LoRA dropout.")
-    lora_target_modules: str = arg("q_proj,v_proj", "LoRA target modules, or all-linear.")
-    model_dtype: str = arg(
-        "float32", "dtype of the trainable weights (use --bf16 for mixed precision).", choices=DTYPE_NAMES
     )
     overwrite_output_dir: bool = arg(False, "Allow training into an output directory that holds another run.")
 

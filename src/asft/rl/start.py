@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..data.templates import render_prompt, resolve_template
 from ..errors import DataError, UsageError
-from ..models import DTYPES, adapter_base, is_adapter_dir, load_tokenizer, lora_config, merge_lora, resolve_model_path
+from ..models import DTYPES, adapter_base, is_adapter_dir, load_tokenizer, merge_lora, resolve_model_path
 from ..training.checkpoints import last_checkpoint
 from .args import RLArguments
 
@@ -80,7 +80,7 @@ def load_start(script: RLArguments, output_dir: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         reference = f"{path} (a frozen copy)"
         if script.use_lora:
-            peft_config = lora_config(script.lora_r, script.lora_alpha, script.lora_dropout, script.lora_target_modules)
+            peft_config = script.peft_config()
             reference = f"{path} (the adapter-disabled model)"
     tokenizer = load_tokenizer(path, base_model=script.base_model, padding_side="left")
     return model, tokenizer, peft_config, reference
