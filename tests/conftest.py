@@ -142,6 +142,13 @@ def cli_args(command: str, *positional, **flags) -> list[str]:
     return argv
 
 
+def eval_argv(task: str, model, data, out, *extra: str, **flags) -> list[str]:
+    """`asft eval` argv (after the command): model, task, data, output folder, no progress bar, then `flags` and
+    `extra` as given."""
+    argv = cli_args("eval", model=model, task=task, data=data, output_dir=out, quiet=True, **flags)[1:]
+    return [*argv, *extra]
+
+
 TINY_RUN = {"logging_steps": 1, "use_cpu": "true", "disable_tqdm": "true"}
 
 

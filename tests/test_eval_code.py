@@ -14,7 +14,7 @@ from asft.evaluation import code as code_task
 from asft.evaluation import sandbox as sandbox_mod
 from asft.evaluation.code import extract_code, load, pass_at_k, pass_at_ks, postprocess, truncate
 from asft.evaluation.sandbox import Limits, Sandbox
-from conftest import build_tokenizer, cli_args
+from conftest import build_tokenizer, eval_argv
 from test_eval_medical import save_forced, write_jsonl
 
 TIMEOUT = 1.0
@@ -27,8 +27,7 @@ def sandbox():
 
 def code_eval_args(model, data, out, max_new_tokens: int) -> list[str]:
     """`asft eval --task code` argv for a tiny model: no template, quiet, the test's sandbox timeout."""
-    flags = dict(model=model, task="code", data=data, output_dir=out, quiet=True, template="none")
-    return cli_args("eval", **flags, max_new_tokens=max_new_tokens, code_timeout=TIMEOUT)[1:]
+    return eval_argv("code", model, data, out, template="none", max_new_tokens=max_new_tokens, code_timeout=TIMEOUT)
 
 
 def needs_isolation(sb):

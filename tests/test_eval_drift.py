@@ -9,7 +9,7 @@ import torch
 from asft.cli.eval import main
 from asft.data import load_examples, tokenize
 from asft.evaluation import drift as generation
-from conftest import build_model, build_tokenizer
+from conftest import build_model, build_tokenizer, eval_argv
 from test_eval_medical import write_jsonl
 
 
@@ -62,22 +62,7 @@ def expected_drift(model, reference, data, template="chat"):
 
 
 def drift(model, data, out, *extra):
-    return main(
-        [
-            "--model",
-            str(model),
-            "--task",
-            "drift",
-            "--data",
-            data,
-            "--output_dir",
-            str(out),
-            "--quiet",
-            "--batch_size",
-            "2",
-            *extra,
-        ]
-    )
+    return main(eval_argv("drift", model, data, out, *extra, batch_size=2))
 
 
 def results(out):

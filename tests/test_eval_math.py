@@ -10,7 +10,7 @@ import pytest
 from asft.cli.eval import main
 from asft.evaluation import EvalDataError
 from asft.evaluation.math import extract_answer, is_correct, load
-from conftest import build_tokenizer
+from conftest import build_tokenizer, eval_argv
 from test_eval_medical import save_forced, write_jsonl
 
 EQUIVALENT = [
@@ -123,22 +123,7 @@ def data(tmp_path_factory):
 
 
 def run_math(model, data, out, *extra):
-    return main(
-        [
-            "--model",
-            str(model),
-            "--task",
-            "math",
-            "--data",
-            data,
-            "--output_dir",
-            str(out),
-            "--quiet",
-            "--max_new_tokens",
-            "4",
-            *extra,
-        ]
-    )
+    return main(eval_argv("math", model, data, out, *extra, max_new_tokens=4))
 
 
 def test_forced_model_greedy_and_sampled(answers_7, data, tmp_path):

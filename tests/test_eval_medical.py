@@ -11,7 +11,7 @@ from asft.data import templates as generation
 from asft.evaluation import EvalDataError, EvalError, backends
 from asft.evaluation import driver as cli
 from asft.evaluation.medical import letter_variants, load
-from conftest import build_model, build_tokenizer
+from conftest import build_model, build_tokenizer, eval_argv
 
 
 def forced_model(tokenizer, default_next: int, after: dict[int, int] | None = None):
@@ -146,22 +146,7 @@ def test_letter_variants(tokenizer):
 
 def run_eval(model, files, out, *extra):
     data = ",".join(str(files[k]) for k in ("medqa", "medmcqa", "mmlu"))
-    return main(
-        [
-            "--model",
-            str(model),
-            "--task",
-            "medical",
-            "--data",
-            data,
-            "--output_dir",
-            str(out),
-            "--quiet",
-            "--batch_size",
-            "2",
-            *extra,
-        ]
-    )
+    return main(eval_argv("medical", model, data, out, *extra, batch_size=2))
 
 
 def test_forced_answer_gives_known_accuracy_and_resumes(always_b, files, tmp_path, capsys, monkeypatch):

@@ -225,14 +225,8 @@ def main(argv: list[str]) -> int:
     from ..evaluation.callback import make_task_eval
 
     task_eval = make_task_eval(script, tokenizer, config.disable_tqdm)  # validates its files before training
-    train_ds = build_dataset(
-        script.data_path,
-        tokenizer,
-        template=script.template,
-        max_length=max_length,
-        on_bad_rows=script.on_bad_rows,
-        origin=bool(config.reference_cache),
-    )
+    data = dict(template=script.template, max_length=max_length, on_bad_rows=script.on_bad_rows)
+    train_ds = build_dataset(script.data_path, tokenizer, **data, origin=bool(config.reference_cache))
     if config.reference_cache:  # a cache built from other data or settings is refused before any model loads
         from ..cache import check_for_cli
 
@@ -240,13 +234,7 @@ def main(argv: list[str]) -> int:
         _print_prior(config)
     eval_ds = None
     if script.eval_data_path:
-        eval_ds = build_dataset(
-            script.eval_data_path,
-            tokenizer,
-            template=script.template,
-            max_length=max_length,
-            on_bad_rows=script.on_bad_rows,
-        )
+        eval_ds = build_dataset(script.eval_data_path, tokenizer, **data)
     print(f"Data: {len(train_ds)} training examples" + (f", {len(eval_ds)} held-out" if eval_ds else ""))
     _check_run_length(config, len(train_ds))
     base_model = base_model_record(script.model_name_or_path)
