@@ -134,6 +134,14 @@ def tiny_trainer(tokenizer, out, data, mode, implementation="fused", *, peft=Fal
     return AnchoredSFTTrainer(model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
 
 
+def write_jsonl(path, rows):
+    """Write rows as a JSONL file; return its path."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def cli_args(command: str, *positional, **flags) -> list[str]:
     """An `asft COMMAND` argv: each keyword becomes `--name value` (True: the bare flag `--name`), in order."""
     argv = [command, *map(str, positional)]

@@ -9,7 +9,7 @@ from asft.cli import main
 from asft.cli.train import parse_train_args
 from asft.errors import ConfigError
 from asft.objectives import MODES, needs_reference
-from conftest import cli_args, train_cmd
+from conftest import cli_args, train_cmd, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def data_file(tmp_path_factory):
     rows = [
         {"instruction": f"what is {a} + {b}", "response": f"The answer is {a + b}"} for a in range(3) for b in range(3)
     ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
@@ -269,7 +269,7 @@ def test_one_max_length_default_and_a_truncation_report(tiny_model_dir, tmp_path
     rows = [{"instruction": "q", "response": "the quick brown fox " * 40}] + [
         {"instruction": "q", "response": "ok"}
     ] * 3
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data, rows)
     with pytest.warns(UserWarning, match=r"1 of 4 examples truncated \(25.0%\)"):
         assert (
             main(train_args(tiny_model_dir, data, tmp_path / "out", "--model_max_length", "48", "--mode", "sft")) == 0

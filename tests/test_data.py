@@ -5,6 +5,7 @@ import json
 import pytest
 
 from asft.data import ALPACA_PROMPT, DataError, build_dataset, load_examples, render, resolve_template, tokenize
+from conftest import write_jsonl
 
 
 def write(path, rows):
@@ -132,13 +133,12 @@ def test_missing_file_and_json_array(tokenizer, tmp_path):
 
 
 def test_row_errors_name_the_accepted_field_and_a_null(tmp_path):
-    import json
 
     from asft.data import DataError, load_examples
 
     def error(rows):
         path = tmp_path / "d.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(path, rows)
         with pytest.raises(DataError) as err:
             examples, _ = load_examples(str(path), "error")
         return str(err.value)

@@ -16,7 +16,7 @@ from asft.data import DataError, load_examples, tokenize, write_jsonl
 
 
 def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows, overwrite=True)
     return path
 
 

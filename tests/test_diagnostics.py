@@ -8,12 +8,7 @@ import torch
 
 from asft import diagnostics as dg
 from asft.cli import main
-from conftest import cli_args
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from conftest import cli_args, write_jsonl
 
 
 @pytest.fixture(scope="module")

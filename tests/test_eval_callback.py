@@ -6,12 +6,7 @@ import pytest
 
 from asft.cli import main
 from asft.errors import ConfigError
-from conftest import train_cmd
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from conftest import train_cmd, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from asft.data import templates as generation
 from asft.evaluation import EvalDataError, EvalError, backends
 from asft.evaluation import driver as cli
 from asft.evaluation.medical import letter_variants, load
-from conftest import build_model, build_tokenizer, eval_argv
+from conftest import build_model, build_tokenizer, eval_argv, write_jsonl
 
 
 def forced_model(tokenizer, default_next: int, after: dict[int, int] | None = None):
@@ -43,11 +43,6 @@ def save_forced(path, default_next, after=None):
     tokenizer = build_tokenizer()
     forced_model(tokenizer, default_next, after).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from asft.cli import main
 from asft.data import IGNORE_INDEX, Row, to_example, tokenize
-from conftest import cli_args
+from conftest import cli_args, write_jsonl
 
 # The paper's PROMPT_DICT, spelled out: no newline after "### Response:".
 PAPER_NO_INPUT = (
@@ -90,7 +90,7 @@ def test_training_matches_the_papers_script(tiny_model_dir, tokenizer, tmp_path,
     from transformers import AutoModelForCausalLM
 
     data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_jsonl(data, ROWS)
     kl_weight, steps = 0.05, 3
     out = tmp_path / "asft"
     assert (

@@ -7,12 +7,7 @@ import pytest
 
 from asft.cli import main
 from asft.reporting import collect, load_run, plot_metrics, plot_probs, read_metrics, series, smooth
-from conftest import cli_args
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from conftest import cli_args, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from asft.cli import main
 from asft.cli.rl import prepare
 from asft.rl.rewards import GuardedReward, build_rewards, extract_letter
-from conftest import cli_args
+from conftest import cli_args, write_jsonl
 
 TERMS = [
     "reward",
@@ -127,7 +127,7 @@ def problems(tmp_path_factory):
         for a in range(4)
         for b in range(2)
     ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 

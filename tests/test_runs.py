@@ -12,7 +12,7 @@ from asft import AnchoredSFTConfig, AnchoredSFTTrainer
 from asft.cli import main
 from asft.errors import TrainingDivergedError
 from asft.training.checkpoints import last_checkpoint
-from conftest import build_model, sigterm_once_logging, train_cmd
+from conftest import build_model, sigterm_once_logging, train_cmd, write_jsonl
 from test_trainer import uneven_dataset
 
 
@@ -20,7 +20,7 @@ from test_trainer import uneven_dataset
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     rows = [{"instruction": f"add {a} and {b}", "response": f"{a} + {b} = {a + b}"} for a in range(3) for b in range(3)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
@@ -182,7 +182,7 @@ def test_truncating_metrics_keeps_lines_it_cannot_read(tmp_path):
 def other_data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("other") / "b.jsonl"
     rows = [{"instruction": f"double {a}", "response": f"{2 * a}"} for a in range(8)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return path
 
 
