@@ -40,23 +40,10 @@ MAX_LEN = 256
 def trainer_for(mode, data_ds, tokenizer, model, out, steps, lr, cache=None):
     from asft import AnchoredSFTConfig, AnchoredSFTTrainer
 
-    args = AnchoredSFTConfig(
-        output_dir=out,
-        mode=mode,
-        per_device_train_batch_size=4,
-        max_steps=steps,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1,
-        use_cpu=True,
-        seed=0,
-        max_length=MAX_LEN,
-        kl_weight=0.03,
-        reference_cache=cache,
-    )
+    quiet = dict(report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, logging_steps=1)
+    run = dict(per_device_train_batch_size=4, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant")
+    objective = dict(mode=mode, kl_weight=0.03, reference_cache=cache)
+    args = AnchoredSFTConfig(output_dir=out, max_length=MAX_LEN, **objective, **run, **quiet)
     return AnchoredSFTTrainer(model, args=args, train_dataset=data_ds, processing_class=tokenizer)
 
 

@@ -63,16 +63,9 @@ BARS = {
 
 # Model shapes (transformers LlamaConfig fields); random weights.
 def llama(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, **extra) -> dict:
-    return dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=4096,
-        **extra,
-    )
+    sizes = (vocab, hidden, intermediate, layers, heads, kv_heads)
+    names = "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads"
+    return dict(zip(names.split(), sizes), max_position_embeddings=4096, **extra)
 
 
 LLAMA_3_2_1B = llama(128256, 2048, 8192, 16, 32, 8, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0)
@@ -591,6 +584,12 @@ def mark(ok) -> str:
     return "" if ok is None else (" ok" if ok else " MISSED")
 
 
+def table_head(title: str, columns: str) -> list[str]:
+    """A summary section's heading and its markdown table's header ("a | b | c" columns)."""
+    n = columns.count("|") + 1
+    return ["", f"## {title}", "", f"| {columns} |", "|" + "---|" * n]
+
+
 def summarize(records: dict, env: dict) -> str:
     lines = [
         f"# gpu_suite: {env.get('device')}, torch {env.get('torch')}, transformers {env.get('transformers')}",
@@ -649,14 +648,11 @@ def summarize(records: dict, env: dict) -> str:
             lines.append("| " + " | ".join(row) + " |")
     res = records.get("overhead", {}).get("results", {})
     if res:
-        lines += [
-            "",
-            f"## overhead: {records['overhead'].get('model')}, bf16 mixed precision, fused loss (bars: asft "
-            f"<= {BARS['asft_full']}x sft full, <= {BARS['asft_lora']}x LoRA; cached <= {BARS['cached']}x)",
-            "",
-            "| run | step ms | x sft | tokens/s | peak GB | x sft |",
-            "|---|---|---|---|---|---|",
-        ]
+        title = (
+            f"overhead: {records['overhead'].get('model')}, bf16 mixed precision, fused loss (bars: asft "
+            f"<= {BARS['asft_full']}x sft full, <= {BARS['asft_lora']}x LoRA; cached <= {BARS['cached']}x)"
+        )
+        lines += table_head(title, "run | step ms | x sft | tokens/s | peak GB | x sft")
         for key, r in res.items():
             if key == "cache build":
                 continue
@@ -705,14 +701,11 @@ def summarize(records: dict, env: dict) -> str:
             lines.append(f"- compile: {r.get('status')}: {r.get('error') or r.get('reason')}")
     res = records.get("large", {}).get("results", {})
     if res:
-        lines += [
-            "",
-            f"## large: {records['large'].get('model')}, one sequence, gradient checkpointing, bf16 autocast "
-            "(paper, Table 4, A100: SFT 39 GB, ASFT 88 GB, ASFT-LoRA 41 GB)",
-            "",
-            "| run | status | peak GB | reserved GB | step s | fits 80 GB |",
-            "|---|---|---|---|---|---|",
-        ]
+        title = (
+            f"large: {records['large'].get('model')}, one sequence, gradient checkpointing, bf16 autocast "
+            "(paper, Table 4, A100: SFT 39 GB, ASFT 88 GB, ASFT-LoRA 41 GB)"
+        )
+        lines += table_head(title, "run | status | peak GB | reserved GB | step s | fits 80 GB")
         for key, r in res.items():
             if key == "cache build":
                 continue

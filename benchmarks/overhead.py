@@ -115,20 +115,15 @@ def make_trainer(
         tokenizer, model = load_tokenizer(path), load_model(path)
     dataset = build_dataset(data, tokenizer, template="alpaca", max_length=max_length, log=lambda *_: None)
     cached = mode == "cached" or mode.endswith("+cache")  # against the reference cache
+    quiet = dict(report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000, seed=0)
+    objective = dict(mode="asft" if mode == "cached" else mode.removesuffix("+cache"), loss_implementation=impl)
+    run = dict(per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-5, max_length=max_length)
     args = AnchoredSFTConfig(
         output_dir=out,
-        mode="asft" if mode == "cached" else mode.removesuffix("+cache"),
-        per_device_train_batch_size=batch,
-        max_steps=steps,
-        learning_rate=1e-5,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1000,
-        loss_implementation=impl,
-        seed=0,
-        max_length=max_length,
+        **objective,
+        **run,
         reference_cache=cache if cached else None,
+        **quiet,
         **{"use_cpu": True, **config},
     )
     trainer = AnchoredSFTTrainer(

@@ -489,14 +489,9 @@ def test_the_trainer_checks_the_cache_itself(built, tokenizer, tmp_path):
     from asft.data import build_dataset
     from conftest import build_model
 
+    quiet = dict(report_to="none", use_cpu=True, save_strategy="no")
     args = AnchoredSFTConfig(
-        output_dir=str(tmp_path / "lib"),
-        mode="asft",
-        max_steps=1,
-        report_to="none",
-        use_cpu=True,
-        reference_cache=str(built["full"]),
-        save_strategy="no",
+        output_dir=str(tmp_path / "lib"), mode="asft", max_steps=1, reference_cache=str(built["full"]), **quiet
     )
     data = build_dataset(str(built["data"]), tokenizer, template="chat", max_length=args.max_length)
     with pytest.warns(UserWarning, match="is not the model being trained"):

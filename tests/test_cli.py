@@ -14,12 +14,10 @@ from conftest import cli_args, train_cmd, write_jsonl
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
     rows = [
         {"instruction": f"what is {a} + {b}", "response": f"The answer is {a + b}"} for a in range(3) for b in range(3)
     ]
-    write_jsonl(path, rows)
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
 
 
 def train_args(model_dir, data_file, out, *extra):

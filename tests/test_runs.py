@@ -18,10 +18,8 @@ from test_trainer import uneven_dataset
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
     rows = [{"instruction": f"add {a} and {b}", "response": f"{a} + {b} = {a + b}"} for a in range(3) for b in range(3)]
-    write_jsonl(path, rows)
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
 
 
 def args_for(model_dir, data_file, out, *extra):
@@ -90,23 +88,14 @@ def test_sigterm_saves_and_exits_cleanly(tiny_model_dir, data_file, tmp_path):
 
 
 def small_trainer(tokenizer, tmp_path, callbacks=(), **kwargs):
+    quiet = dict(report_to="none", disable_tqdm=True, use_cpu=True)
     args = AnchoredSFTConfig(
-        output_dir=str(tmp_path / "out"),
-        mode="asft",
-        per_device_train_batch_size=2,
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        **kwargs,
+        output_dir=str(tmp_path / "out"), mode="asft", per_device_train_batch_size=2, **quiet, **kwargs
     )
-    trainer = AnchoredSFTTrainer(
-        build_model(tokenizer),
-        args=args,
-        train_dataset=uneven_dataset(tokenizer),
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
+    data = uneven_dataset(tokenizer)
+    return AnchoredSFTTrainer(
+        build_model(tokenizer), args=args, train_dataset=data, processing_class=tokenizer, callbacks=list(callbacks)
     )
-    return trainer
 
 
 def test_nan_names_the_step_and_the_term(tokenizer, tmp_path):

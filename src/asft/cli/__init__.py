@@ -28,19 +28,10 @@ commands:
 
 
 # command -> (module of asft.cli, function); each module is imported only when its command runs.
-COMMANDS = {
-    "train": ("train", "main"),
-    "eval": ("eval", "main"),
-    "merge-lora": ("merge", "main"),
-    "data": ("data", "main"),
-    "cache-reference": ("cache", "main"),
-    "launch": ("launch", "launch"),
-    "config-path": ("launch", "config_path"),
-    "rl": ("rl", "main"),
-    "plot": ("report", "plot_main"),
-    "compare": ("report", "compare_main"),
-    "quickstart": ("quickstart", "main"),
-}
+COMMANDS = {name: (name, "main") for name in ("train", "eval", "data", "rl", "quickstart")}
+COMMANDS.update({"merge-lora": ("merge", "main"), "cache-reference": ("cache", "main")})
+COMMANDS.update({"launch": ("launch", "launch"), "config-path": ("launch", "config_path")})
+COMMANDS.update({"plot": ("report", "plot_main"), "compare": ("report", "compare_main")})
 
 
 # What an interrupt outside a run's graceful stop (which explains itself) leaves, by command.

@@ -129,12 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_model_len", type=int, default=None, help="vllm: context length (default: the model's)")
 
     g = p.add_argument_group("generation (math, judge)")
-    g.add_argument(
-        "--max_new_tokens",
-        type=int,
-        default=None,
-        help="tokens to generate per answer (default: math 2048, judge 1024)",
-    )
+    g.add_argument("--max_new_tokens", type=int, help="tokens to generate per answer (default: math 2048, judge 1024)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding; > 0 samples")
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold (when sampling)")
     g.add_argument(
@@ -189,12 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     code.add_arguments(p)
 
     g = p.add_argument_group("drift")
-    g.add_argument(
-        "--max_length",
-        type=int,
-        default=None,
-        help="truncate each prompt+response to this many tokens, as training's --model_max_length",
-    )
+    g.add_argument("--max_length", type=int, help="truncate prompt+response to this many tokens (--model_max_length)")
     return p
 
 
