@@ -2,6 +2,7 @@
 a LoRA start, and one-line errors."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -506,8 +507,18 @@ def test_rl_finishes_as_train_does(tiny_model_dir, problems, tmp_path, capsys):
         assert "entropy" not in rec and not any(k.startswith("clip_ratio/") for k in rec), rec
     shutil.rmtree(out / "checkpoint-2")
     argv = rl_args(tiny_model_dir, problems, out, *extra, "--resume_from_checkpoint", "last", reward_funcs_off=True)
+    before = json.loads((out / "checkpoint-1" / "asft_totals.json").read_text())["runtime"]
     assert main(["rl", *argv]) == 0
-    assert "Resuming from checkpoint-1 (step 1 of 2)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Resuming from checkpoint-1 (step 1 of 2)" in printed
+    # The summary covers the whole run: the first part's time (recorded in the checkpoint) plus the resumed part's.
+    resumed_part = [
+        r["train_runtime"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "train_runtime" in r
+    ][-1]
+    whole = float(re.search(r"Done: 2 steps in ([\d.]+) s", printed).group(1))
+    assert whole == pytest.approx(before + resumed_part, abs=0.06)  # both printed / logged to 0.1 s or better
     assert main(["compare", str(out), "--output_dir", str(tmp_path / "cmp")]) == 0
     (row,) = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"]
     assert row["mode"] == "rl:dapo" and row["learning_rate"] == 1e-3 and row["final"]["reward"] == -1.0

@@ -111,7 +111,7 @@ def summary(trainer, metrics: dict) -> str:
         for k in ("reward", "reward_std", "accuracy", "kl", "entropy", "completions/mean_length")
         if isinstance(last.get(k), (int, float))
     )
-    runtime = metrics.get("train_runtime", 0.0)
+    runtime = trainer.prior_totals.get("runtime", 0.0) + metrics.get("train_runtime", 0.0)  # the whole run's
     return f"Done: {trainer.state.global_step} steps in {runtime:.1f} s; final step: {terms or '-'}"
 
 

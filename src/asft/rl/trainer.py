@@ -10,7 +10,7 @@ from trl import GRPOTrainer
 
 from ..data.templates import encode_prompt
 from ..errors import TrainingDivergedError, UsageError
-from ..training.callbacks import GracefulStopCallback, MetricsFileCallback
+from ..training.callbacks import GracefulStopCallback, MetricsFileCallback, RunTotalsCallback, read_totals
 from ..training.checkpoints import last_checkpoint
 from .args import RLArguments, dynamic_sampling_on, overlong_buffer
 from .rewards import build_rewards
@@ -46,6 +46,13 @@ class AsftGRPOTrainer(GRPOTrainer):
         self.add_callback(MetricsFileCallback())
         self.stopper = GracefulStopCallback(last_checkpoint)
         self.add_callback(self.stopper)
+        # The whole run's totals in each checkpoint, so the summary after a resume covers the whole run, as train's.
+        self.prior_totals, self.response_tokens = {}, 0.0
+        self.add_callback(RunTotalsCallback(self))
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        self.prior_totals = read_totals(resume_from_checkpoint) if resume_from_checkpoint else {}
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # TRL private override (read from trl 1.16.0, GRPOTrainer._tokenize_prompts): rendered prompts -> token ids.
     def _tokenize_prompts(self, prompts):
