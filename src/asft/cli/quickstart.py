@@ -79,7 +79,11 @@ def evaluate(model_path: str, rows: list[dict]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="asft quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="asft-quickstart", help="parent folder; each run gets a new sub-folder")
-    p.add_argument("--mode", default="asft", help="objective: sft | dft | sft_kl | asft | iw_sft")
+    p.add_argument(
+        "--mode",
+        default="asft",
+        help="objective: any --mode of asft train (sft, dft, sft_kl, asft, iw_sft, eaft, prift)",
+    )
     p.add_argument("--max_steps", type=int, default=24, help="optimizer steps")
     p.add_argument("--train_examples", type=int, default=192)
     p.add_argument("--heldout_examples", type=int, default=48)
