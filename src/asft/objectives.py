@@ -209,7 +209,8 @@ class ObjectiveSettings:
             parts = [level or f"sequence-level weights, iw_max {self.iw_max}"]
         else:
             parts = []
-        parts += [f"{p} {getattr(self, p)}" for p in params if not (p == "weight_floor" and not self.weight_floor)]
+        # The rule's parameters where they differ from their defaults (asft at weight_power 1 is the paper's asft).
+        parts += [f"{p} {getattr(self, p)}" for p in params if getattr(self, p) != RULE_PARAMETERS.get(p)]
         if self.anchored:
             direction = "KL(reference || policy)" if self.kl_direction == "forward" else "KL(policy || reference)"
             parts.append(f"kl_weight {self.kl_weight}, {direction} ({self.kl_direction})")
