@@ -415,7 +415,9 @@ def token_metrics(logp_y: Tensor, weight: Tensor, entropy: Tensor, hit: Tensor, 
     }
     if kl is not None:
         metrics["kl"] = kl.mean()
-    return {**{k: float(v) for k, v in metrics.items()}, "num_tokens": float(logp_y.numel())}
+    # One device-to-host copy for all of them (a float() each would wait on the device once per term, every step).
+    values = torch.stack([v.float() for v in metrics.values()]).tolist()
+    return {**dict(zip(metrics, values)), "num_tokens": float(logp_y.numel())}
 
 
 def token_loss(
