@@ -103,6 +103,8 @@ class AnchoredSFTTrainer(SFTTrainer):
         global_norm = args.loss_normalization == "global"
         self.model_accepts_loss_kwargs = global_norm
         self.loss_is_scaled_for_ga = global_norm
+        # The rule, its parameters and the anchor, validated once (the config's `objective` builds them anew).
+        self.objective = args.objective
         self._term_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._warn_low_precision_weights()
 
@@ -200,7 +202,7 @@ class AnchoredSFTTrainer(SFTTrainer):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", EXAMPLE_COLUMN)}
         model_inputs["use_cache"] = False
-        mode, kwargs = self.args.objective, self._loss_kwargs(num_items_in_batch)  # the rule, its parameters, anchor
+        mode, kwargs = self.objective, self._loss_kwargs(num_items_in_batch)
 
         ref = {}
         if self.reference is not None:
