@@ -241,27 +241,18 @@ def token_probabilities(
     limit: int | None = None,
     batch_size: int = 8,
 ) -> list[float]:
-    """p(y_t) of every response token of the data files under the model, tokenized as training does."""
-    import torch
-
-    from .data import load_examples, resolve_template, right_pad, tokenize
+    """p(y_t) of every response token of the data files under the model, tokenized as training does (scored by
+    `diagnostics.score_features`, as the prior diagnostic is)."""
+    from .data import load_examples, resolve_template, tokenize
+    from .diagnostics import score_features
     from .models import load_model_and_tokenizer
-    from .objectives import select_response
 
     examples, _ = load_examples([p.strip() for p in data.split(",") if p.strip()])
     examples = examples[:limit] if limit else examples
     model, tokenizer = load_model_and_tokenizer(model_path)
     template = resolve_template(template, tokenizer)
     features = [tokenize(ex, template, tokenizer, max_length) for ex in examples]
-    device = next(model.parameters()).device
-    probs = []
-    with torch.no_grad():
-        for start in range(0, len(features), batch_size):
-            inputs = right_pad(features[start : start + batch_size], tokenizer.pad_token_id, device)
-            labels = inputs.pop("labels")
-            z, y, _ = select_response(model(**inputs).logits, labels)
-            probs += torch.log_softmax(z.float(), -1).gather(-1, y[:, None]).squeeze(-1).exp().tolist()
-    return probs
+    return score_features(model, features, tokenizer.pad_token_id, batch_size).probs.tolist()
 
 
 def plot_probs(models: dict[str, list[float]], output: str | Path | None = None, bins: int = 20):
