@@ -345,6 +345,16 @@ class ModelArguments:
         )
 
 
+def lora_description(model) -> dict | None:
+    """The LoRA adapter of a PEFT model as run files record it (r, alpha, dropout, target modules); None without."""
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict) or not peft_config:
+        return None
+    c = next(iter(peft_config.values()))
+    targets = sorted(c.target_modules) if isinstance(c.target_modules, (set, list, tuple)) else c.target_modules
+    return {"r": c.r, "alpha": c.lora_alpha, "dropout": c.lora_dropout, "target_modules": targets}
+
+
 def check_lora_targets(model_path: str, target_modules: str, trust_remote_code: bool = False) -> None:
     """Refuse LoRA target names that match no module, listing the Linear layers that exist, before loading weights
     (the model is built on the meta device from its config: no memory, no weights read)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..io import METRICS_FILE, RUN_FILE, write_json
+from ..models import lora_description
 from ..rl.args import ALGORITHMS, RLArguments, check_rl_args
 from ..rl.start import load_problems, load_start, resolve_start
 from ..rl.trainer import build_trainer, describe
@@ -117,11 +118,7 @@ def summary(trainer, metrics: dict) -> str:
 
 def run_description(script, config, trainer) -> dict:
     """asft_run.json of an RL run: what `asft compare` tabulates (the mode is the algorithm)."""
-    lora = None
-    peft_config = getattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config", None)
-    if isinstance(peft_config, dict) and peft_config:
-        c = next(iter(peft_config.values()))
-        lora = {"r": c.r, "alpha": c.lora_alpha, "dropout": c.lora_dropout}
+    lora = lora_description(trainer.accelerator.unwrap_model(trainer.model))
     return {
         "mode": f"rl:{script.algorithm}",
         "learning_rate": config.learning_rate,

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from ..errors import StoppedWithoutCheckpoint
 from ..io import METRICS_FILE, RUN_FILE, write_json, write_text
+from ..models import lora_description
 from ..objectives import ObjectiveSettings
 
 TOTALS_FILE = "asft_totals.json"  # in each checkpoint: what the run did up to it (a resumed run's summary adds it)
@@ -96,21 +97,10 @@ class RunSettingsCallback(TrainerCallback):
 
 
 def _run_description(args, model) -> dict:
-    lora = None
-    peft_config = getattr(model, "peft_config", None)
-    if isinstance(peft_config, dict) and peft_config:
-        c = next(iter(peft_config.values()))
-        targets = c.target_modules
-        lora = {
-            "r": c.r,
-            "alpha": c.lora_alpha,
-            "dropout": c.lora_dropout,
-            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
-        }
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {
         "monitor_kl": getattr(args, "monitor_kl", False),
-        "lora": lora,
+        "lora": lora_description(model),
         "model": getattr(getattr(base, "config", None), "_name_or_path", None),
         "args": json.loads(args.to_json_string()),
     }
