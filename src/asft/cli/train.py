@@ -259,6 +259,8 @@ def main(argv: list[str]) -> int:
         peft_config=peft_config,
     )
     trainer.base_model_name = base_model
+    if resume is not None:
+        trainer.data_fingerprint = identity["data_fingerprint"]  # computed above: not a second pass over the data
     # what asft compare needs to tell runs apart beyond the training arguments (seed groups never mix data)
     trainer.run_description["data"] = {
         "data_path": script.data_path,

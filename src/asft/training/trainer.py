@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import defaultdict
@@ -79,7 +80,7 @@ class AnchoredSFTTrainer(SFTTrainer):
             raise TypeError("args must be an AnchoredSFTConfig")
         self.reference_cache = None
         check_trainable_rows(kwargs.get("train_dataset"))
-        self.data_fingerprint = dataset_fingerprint(kwargs.get("train_dataset"))
+        self._given_train_dataset = kwargs.get("train_dataset")  # as given, for `data_fingerprint`
         if args.reference_cache:  # checked against the data before anything is prepared or computed
             self.reference_cache, kwargs = open_for_training(args, ref_model, kwargs, model)
         super().__init__(model, args=args, **kwargs)
@@ -148,6 +149,12 @@ class AnchoredSFTTrainer(SFTTrainer):
                     logs[key] * logs["train_runtime"] / runtime * self.state.global_step / max(steps_now, 1), 3
                 )
         logs["train_runtime"] = round(runtime, 4)
+
+    @functools.cached_property
+    def data_fingerprint(self) -> str | None:
+        """The training examples' fingerprint (a pass over the data): computed when a run file first needs it; the
+        CLI, which already computed it to check a resume, sets it instead."""
+        return dataset_fingerprint(self._given_train_dataset)
 
     def run_identity(self) -> dict:
         """What, besides the settings, a resume must match: the training examples and the base model."""
