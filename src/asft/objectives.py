@@ -380,17 +380,6 @@ def token_weights(
     return w.clamp(min=s.weight_floor) if s.weight_floor > 0 else w
 
 
-def check_arguments(mode, has_reference: bool, kl_weight=None, kl_direction=None, iw_max=None) -> str:
-    """The canonical mode, after checking that it has the reference it needs (the other arguments: checked by
-    ObjectiveSettings; kept for callers of the older signature)."""
-    s = settings_of(mode) if isinstance(mode, ObjectiveSettings) else None
-    if s is None:
-        given = {"kl_weight": kl_weight, "kl_direction": kl_direction, "iw_max": iw_max}
-        s = ObjectiveSettings(mode, **{k: v for k, v in given.items() if v is not None})
-    check_reference(s, has_reference)
-    return s.mode
-
-
 def check_reference(s: ObjectiveSettings, has_reference: bool) -> None:
     if s.needs_reference and not has_reference:
         raise ValueError(f"mode {s.mode!r} needs reference logits (ref_logits)")
