@@ -46,13 +46,15 @@ def is_complete_checkpoint(path: Path) -> bool:
         return False
 
 
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The checkpoint-N folders of output_dir, newest (largest N) first, complete or not."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
 def last_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint in output_dir; one cut short by a kill during saving is passed over."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    for path in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        if is_complete_checkpoint(path):
-            return path
-    return None
+    return next((path for path in checkpoints(output_dir) if is_complete_checkpoint(path)), None)
 
 
 def dataset_fingerprint(dataset) -> str | None:
@@ -74,10 +76,9 @@ def clear_run(output_dir: str) -> list[str]:
     if not out.is_dir():
         return []
     gone = []
-    for path in sorted(out.glob("checkpoint-*")):
-        if path.is_dir() and path.name.split("-")[-1].isdigit():
-            shutil.rmtree(path)
-            gone.append(path.name)
+    for path in sorted(checkpoints(out)):
+        shutil.rmtree(path)
+        gone.append(path.name)
     for pattern in RUN_FILES:
         for path in out.glob(pattern):
             if path.is_file():
