@@ -46,6 +46,7 @@ sys.path.insert(0, str(SRC))
 
 from asft.cli.args import flags_to_argv  # noqa: E402
 from asft.objectives import uses_kl  # noqa: E402
+from asft.reporting import spread  # noqa: E402
 from reasoning_task import INSTRUCTION, write_task  # noqa: E402
 
 MODES = ("sft", "dft", "sft_kl", "asft", "iw_sft")
@@ -244,11 +245,10 @@ def mean_rows(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
     for mode, results in per_seed.items():
         row = dict(results[0])
         for key in ("accuracy", "train_kl", "task_kl", "offtask_kl", "offtask_nll_increase"):
-            values = [r[key] for r in results if r.get(key) is not None]
-            row[key] = sum(values) / len(values) if values else None
-            if len(results) > 1 and len(values) > 1:
-                m = row[key]
-                row[key + "_std"] = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            s = spread([r[key] for r in results if r.get(key) is not None])
+            row[key] = s["mean"]
+            if len(results) > 1 and s["n"] > 1:
+                row[key + "_std"] = s["std"]
         rows[mode] = row
     return rows
 

@@ -284,38 +284,12 @@ def spread(values: list[float]) -> dict:
     return {"n": n, "mean": mean, "std": std, "ci95": None if half is None else [mean - half, mean + half]}
 
 
-# Student's t, two-sided 95%, by degrees of freedom (beyond 30: the normal's 1.96).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-_T95.update(
-    {
-        k: v
-        for k, v in zip(
-            range(11, 31),
-            (
-                2.201,
-                2.179,
-                2.160,
-                2.145,
-                2.131,
-                2.120,
-                2.110,
-                2.101,
-                2.093,
-                2.086,
-                2.080,
-                2.074,
-                2.069,
-                2.064,
-                2.060,
-                2.056,
-                2.052,
-                2.048,
-                2.045,
-                2.042,
-            ),
-        )
-    }
+# Student's t, two-sided 95%, by degrees of freedom 1..30 (beyond 30: the normal's 1.96).
+_T95_TABLE = (
+    "12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262 2.228 2.201 2.179 2.160 2.145 2.131 "
+    "2.120 2.110 2.101 2.093 2.086 2.080 2.074 2.069 2.064 2.060 2.056 2.052 2.048 2.045 2.042"
 )
+_T95 = {df: float(t) for df, t in enumerate(_T95_TABLE.split(), start=1)}
 
 
 def separated(a: list[float], b: list[float]) -> str:
