@@ -25,6 +25,7 @@ DIR/summary.json. Printed, never asserted. Models are built from configs (no dow
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -38,6 +39,10 @@ from pathlib import Path
 
 import loss_memory
 import overhead
+from asft import io
+
+# Each step's record, rewritten atomically (a kill never leaves half a file).
+write_json = functools.partial(io.write_json, indent=1)
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("tests", "loss_memory", "overhead", "syncs", "large")
@@ -135,12 +140,6 @@ SIZES = {
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)  # a kill never leaves half a file
 
 
 class Step:
