@@ -476,8 +476,7 @@ def main() -> int:
     off = [json.loads(line) for line in off_file.read_text().splitlines()]
 
     def cached(flags):
-        mode = flags[flags.index("--mode") + 1]
-        return needs_reference(mode) if mode in ("sft", "dft", "sft_kl", "asft", "iw_sft") else False
+        return needs_reference(flags[flags.index("--mode") + 1], "--anchor" in flags or None)
 
     tasks = {}
     for name in s["tasks"]:
