@@ -105,6 +105,20 @@ def test_prior_refuses_a_cache_of_other_data(tiny_model_dir, data, tmp_path, cap
     assert "reference_cache" in capsys.readouterr().err
 
 
+def test_prior_keeps_and_refuses_the_examples_training_does(tiny_model_dir, tmp_path, capsys):
+    """A row whose prompt alone fills --max_length is a bad row for the diagnostic as for training: an error naming
+    file and line by default, left out with --on_bad_rows skip (it was silently left out either way)."""
+    rows = [{"instruction": "hi", "response": "there you go"}, {"instruction": "word " * 200, "response": "ok"}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    argv = ["data", "inspect", str(path), "--model", str(tiny_model_dir), "--prior", "--template", "alpaca"]
+    capsys.readouterr()
+    assert main([*argv, "--max_length", "96"]) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:2" in err and "max_length" in err
+    r = prior_json(capsys, path, "--model", tiny_model_dir, "--max_length", 96, "--on_bad_rows", "skip")
+    assert r["tokens"] == len(independent_probs(tiny_model_dir, write_jsonl(tmp_path / "first.jsonl", rows[:1])))
+
+
 def test_weight_shares_and_bins_by_hand():
     p = np.array([0.05, 0.05, 0.2, 0.6, 0.95, 1.0])
     assert dg.bin_index(p).tolist() == [0, 0, 1, 2, 3, 3]

@@ -320,21 +320,15 @@ def tokenized(
     limit: int | None = None,
     on_bad_rows: str = "error",
 ):
-    """(features, origins) of a data file (or comma-separated files), tokenized as training does; examples with no
-    response token left after max_length are left out (bad rows too, with on_bad_rows="skip")."""
-    from .data import load_examples, resolve_template, tokenize
-    from .errors import DataError
+    """(features, origins) of a data file (or comma-separated files), tokenized, kept and refused as training does
+    (data.tokenized_examples); an example whose only response token is its first (nothing predicts it) is left out."""
+    from .data import load_examples, resolve_template, tokenized_examples
 
     examples, _ = load_examples([p.strip() for p in data.split(",") if p.strip()], on_bad_rows)
-    template = resolve_template(template, tokenizer)
     features, origins = [], []
-    for ex in examples:
-        try:
-            f = tokenize(ex, template, tokenizer, max_length)
-        except DataError:
-            if on_bad_rows == "error":
-                raise
-            continue
+    for ex, f, _ in tokenized_examples(
+        examples, resolve_template(template, tokenizer), tokenizer, max_length, on_bad_rows
+    ):
         if response_features([f]):
             features.append(f)
             origins.append(f"{ex.source}:{ex.line}")

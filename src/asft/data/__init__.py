@@ -21,7 +21,7 @@ from .formats import (
     to_example,
 )
 from .templates import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, TEMPLATES, render, resolve_template
-from .tokenization import build_dataset, right_pad, tokenize
+from .tokenization import build_dataset, right_pad, tokenize, tokenized_examples
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -44,6 +44,7 @@ __all__ = [
     "resolve_template",
     "right_pad",
     "tokenize",
+    "tokenized_examples",
     "to_example",
     "write_jsonl",
 ]

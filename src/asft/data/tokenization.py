@@ -35,6 +35,32 @@ def tokenize(example: Example, template: str, tokenizer, max_length: int | None 
     return {"input_ids": input_ids, "labels": labels}
 
 
+def tokenized_examples(examples, template: str, tokenizer, max_length=None, on_bad_rows="error", skipped=None):
+    """Yield (example, features truncated to max_length, the untruncated labels) for every example training keeps.
+
+    A bad row (including one whose prompt alone fills max_length: nothing left to train on) raises its DataError
+    with on_bad_rows="error", else is appended to `skipped` and left out. The one loop behind `build_dataset` and
+    the prior diagnostic, so both keep and refuse the same examples.
+    """
+    for ex in examples:
+        try:
+            item = tokenize(ex, template, tokenizer)
+            full = item["labels"]
+            if max_length is not None:
+                item = {k: v[:max_length] for k, v in item.items()}
+            if all(label == IGNORE_INDEX for label in item["labels"]):
+                raise DataError(
+                    ex.source, ex.line, None, f"the prompt alone fills max_length={max_length}: no response token left"
+                )
+        except DataError as e:
+            if on_bad_rows == "error":
+                raise
+            if skipped is not None:
+                skipped.append(e)
+            continue
+        yield ex, item, full
+
+
 def build_dataset(
     paths,
     tokenizer,
@@ -55,21 +81,7 @@ def build_dataset(
     template = resolve_template(template, tokenizer)
     examples, skipped = load_examples(paths, on_bad_rows)
     rows, truncated, kept, cut = [], 0, 0, 0
-    for ex in examples:
-        try:
-            item = tokenize(ex, template, tokenizer)
-            full = item["labels"]
-            if max_length is not None:
-                item = {k: v[:max_length] for k, v in item.items()}
-            if all(label == IGNORE_INDEX for label in item["labels"]):
-                raise DataError(
-                    ex.source, ex.line, None, f"the prompt alone fills max_length={max_length}: no response token left"
-                )
-        except DataError as e:
-            if on_bad_rows == "error":
-                raise
-            skipped.append(e)
-            continue
+    for ex, item, full in tokenized_examples(examples, template, tokenizer, max_length, on_bad_rows, skipped):
         rows.append({**item, "source": ex.source, "line": ex.line} if origin else item)
         kept += sum(label != IGNORE_INDEX for label in item["labels"])
         if len(full) > len(item["labels"]):
