@@ -340,7 +340,7 @@ def summarize(task: dict, runs: dict[str, list[dict]]) -> dict:
         }
         half = [r["accuracy_half_budget"] for r in results if "accuracy_half_budget" in r]
         if half:
-            entry["objectives"][name]["accuracy_half_budget"] = spread(half)
+            entry["objectives"][name]["accuracy_half_budget"] = {**spread(half), "accuracies": half}
     return entry
 
 
@@ -447,6 +447,11 @@ def main() -> int:
     p.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(TASKS))
     p.add_argument("--objectives", default=None, help="comma-separated subset (default: every available one)")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds (default: 0,1,2)")
+    p.add_argument(
+        "--grid_only",
+        action="store_true",
+        help="only tasks x objectives x seeds: no 4x runs, no sft->asft (a check of one more task against a map)",
+    )
     a = p.parse_args()
     s = json.loads(json.dumps(QUICK if a.quick else FULL))
     if a.tasks:
@@ -508,7 +513,7 @@ def main() -> int:
                     half_checkpoint=obj == "sft",
                 )
                 results[name].setdefault(obj, []).append(r)
-        if name == weak:
+        if name == weak and not a.grid_only:
             for obj in [o for o in P_WEIGHTED if o in objectives]:
                 steps = s["steps"][name] * s["weak_multiplier"]
                 label = f"{obj}@{s['weak_multiplier']}x"
@@ -532,7 +537,7 @@ def main() -> int:
         for t in table
         if "sft" in table[t]["objectives"] and "asft" in table[t]["objectives"]
     }
-    if gaps:
+    if gaps and not a.grid_only:
         worst = max(gaps, key=gaps.get)
         task = tasks[worst]
         for seed in s["seeds"]:
@@ -569,7 +574,9 @@ def main() -> int:
     for t, h in sft_half.items():
         if h and h["n"]:
             full = table[t]["objectives"]["sft"]
-            verdict = "plateau" if abs(full["mean"] - h["mean"]) <= full["std"] + h["std"] else "still rising"
+            verdict = {"yes": "still rising", "no": "past its peak (lower at the full budget)"}.get(
+                separated(full["accuracies"], h["accuracies"]), "plateau"
+            )
             print(f"  {t}: sft at half budget {h['mean']:.3f} +- {h['std']:.3f}, full {full['mean']:.3f}: {verdict}")
     (out / "regimes_results.json").write_text(
         json.dumps(

@@ -38,6 +38,9 @@ def test_spread_and_separation_by_hand():
     assert separated([0.44, 0.30], [0.41, 0.40]) == "not separated"  # within the spread: never "yes"
     assert separated([0.1, 0.11], [0.41, 0.40]) == "no"
     assert separated([0.9], [0.1]) == "not separated"  # one seed: no spread to decide against
+    # a difference equal to the spread is not separated, whatever float64 rounding makes of the two
+    assert separated([9 / 24] * 3, [7 / 24, 8 / 24, 9 / 24]) == "not separated"
+    assert separated([7 / 24, 8 / 24, 9 / 24], [9 / 24] * 3) == "not separated"
 
 
 def test_compare_groups_runs_that_differ_only_by_seed(tmp_path, capsys):
