@@ -20,7 +20,7 @@ def data(tmp_path_factory):
     return write_jsonl(d / "train.jsonl", rows)
 
 
-def independent_probs(model_dir, data):
+def independent_probs(model_dir, data, by_example=False):
     """p(y_t) of every response token, one example at a time, with plain transformers and the data code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,16 +29,16 @@ def independent_probs(model_dir, data):
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     examples, _ = load_examples([str(data)])
-    out = []
+    out, per_example = [], []
     for ex in examples:
         item = tokenize(ex, "alpaca", tok)
         ids = torch.tensor([item["input_ids"]])
         with torch.no_grad():
             probs = torch.softmax(model(input_ids=ids).logits[0].double(), -1)
-        for t in range(1, len(item["labels"])):
-            if item["labels"][t] != -100:
-                out.append(float(probs[t - 1, item["labels"][t]]))
-    return np.array(out)
+        mine = [float(probs[t - 1, y]) for t, y in enumerate(item["labels"]) if t and y != -100]
+        out += mine
+        per_example.append(mine)
+    return (np.array(out), per_example) if by_example else np.array(out)
 
 
 def prior_json(capsys, *argv):
@@ -48,9 +48,13 @@ def prior_json(capsys, *argv):
 
 
 def test_prior_matches_an_independent_computation(tiny_model_dir, data, capsys):
-    p = independent_probs(tiny_model_dir, data)
+    p, per_example = independent_probs(tiny_model_dir, data, by_example=True)
     r = prior_json(capsys, data, "--model", tiny_model_dir, "--batch_size", 5)
     assert r["tokens"] == len(p)
+    nll = [-sum(np.log(q) for q in e) for e in per_example]
+    # float32 log-softmax against float64: ~1e-6 relative per token, summed over a response's few tokens
+    assert r["mean_response_nll"] == pytest.approx(np.mean(nll), rel=1e-5)
+    assert r["median_response_nll"] == pytest.approx(np.median(nll), rel=1e-5)
     assert r["mean_prob"] == pytest.approx(p.mean(), abs=1e-6)
     assert r["median_prob"] == pytest.approx(np.median(p), abs=1e-6)
     assert r["frac_below_0.1"] == pytest.approx((p < 0.1).mean())

@@ -8,8 +8,9 @@ This module measures that before any training:
   each token's example, from a model forward pass (teacher forced, float32) or for free from a reference cache
   (exact p(y_t); the entropy over the cache's k + 1 buckets, a lower bound);
 - `prior_report`: the numbers `asft data inspect --prior` prints (and `--json` dumps): token count, mean / median /
-  quantiles of p, the share below 0.1 and above 0.9, a histogram, the improbable token strings, the mean entropy,
-  and per probability bin the share of SFT's gradient weight each p-weighted rule keeps;
+  quantiles of p, the share below 0.1 and above 0.9, the NLL of a whole response, a histogram, the improbable
+  token strings, the mean entropy, and per probability bin the share of SFT's gradient weight each p-weighted rule
+  keeps;
 - `bin_table`: the mechanism after training: response tokens binned by the *base* model's p(y_t), per bin the mean
   p(y_t) under a trained model (`asft compare --probs_data`, `asft plot --kind probs`).
 """
@@ -150,6 +151,7 @@ def prior_report(scores: TokenScores, tokenizer=None, origins: list[str] | None 
         "quantiles": {f"p{round(q * 100):02d}": float(np.quantile(p, q)) for q in QUANTILES},
         "frac_below_0.1": float((p < 0.1).mean()),
         "frac_above_0.9": float((p >= 0.9).mean()),
+        **response_nll(p, scores.examples),
         "mean_entropy": float(np.mean(scores.entropy)),
         "entropy_exact": bool(scores.entropy_exact),
         "histogram": [
@@ -160,6 +162,19 @@ def prior_report(scores: TokenScores, tokenizer=None, origins: list[str] | None 
         "lowest_tokens": lowest_tokens(scores, tokenizer, origins, lowest) if tokenizer is not None else [],
     }
     return report
+
+
+def response_nll(probs, examples) -> dict:
+    """The base model's NLL of each example's whole response, -sum_t log p(y_t) in nats: mean and median over examples.
+
+    Not the mean over tokens: a few near-impossible tokens (a made-up word at 1e-5) and many merely improbable
+    ones (a derivation's ten digits at 0.03) both make a whole answer improbable, which a token mean hides. In
+    benchmarks/regimes.py dft and asft lost to sft on the two tasks where this was 38 and 70 nats and matched it
+    where it was 5 and 10: four tasks, found after the run, a hypothesis to test rather than a rule.
+    """
+    examples = np.asarray(examples, dtype=np.int64)
+    nll = np.bincount(examples, weights=-np.log(np.maximum(probs, 1e-300)))[np.bincount(examples) > 0]
+    return {"mean_response_nll": float(nll.mean()), "median_response_nll": float(np.median(nll))}
 
 
 def lowest_tokens(scores: TokenScores, tokenizer, origins: list[str] | None = None, limit: int = 10) -> list[dict]:
@@ -204,6 +219,7 @@ def format_prior(report: dict, title: str = "") -> str:
         f"  mean p {r['mean_prob']:.4f} | median {r['median_prob']:.4f} | below 0.1: {100 * r['frac_below_0.1']:.1f}% "
         f"| at or above 0.9: {100 * r['frac_above_0.9']:.1f}% | mean entropy {r['mean_entropy']:.3f} nats{ent}",
         "  quantiles: " + "  ".join(f"{k} {v:.4f}" for k, v in q.items()),
+        f"  NLL of a whole response (nats): mean {r['mean_response_nll']:.2f} | median {r['median_response_nll']:.2f}",
         "",
         "  histogram of p(y_t) (share of tokens)",
     ]
