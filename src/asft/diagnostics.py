@@ -169,8 +169,8 @@ def response_nll(probs, examples) -> dict:
 
     Not the mean over tokens: a few near-impossible tokens (a made-up word at 1e-5) and many merely improbable
     ones (a derivation's ten digits at 0.03) both make a whole answer improbable, which a token mean hides. In
-    benchmarks/regimes.py dft and asft lost to sft on the two tasks where this was 38 and 70 nats and matched it
-    where it was 5 and 10: four tasks, found after the run, a hypothesis to test rather than a rule.
+    benchmarks/regimes.py dft and asft lost to sft on the two tasks whose training files gave 38 and 66 nats and
+    matched it on those with 11 and 4: four tasks, found after the run, a hypothesis to test rather than a rule.
     """
     examples = np.asarray(examples, dtype=np.int64)
     nll = np.bincount(examples, weights=-np.log(np.maximum(probs, 1e-300)))[np.bincount(examples) > 0]
