@@ -330,7 +330,7 @@ def run_one(sc, task, name, flags, seed, steps, s, reuse, start=None, cache=None
 
 
 def prepare_task(sc: Scorer, name: str, out: Path, s: dict, base: str, needs_cache: bool, off: list[dict]) -> dict:
-    from asft.diagnostics import prior_report, score_features
+    from asft.diagnostics import prior_report, response_nll, score_features
 
     make, grade, max_new_tokens = TASKS[name]
     train_rows, test_rows = make(s["n_train"][name], s["n_test"][name], 0)
@@ -343,6 +343,11 @@ def prepare_task(sc: Scorer, name: str, out: Path, s: dict, base: str, needs_cac
     diag_file = d / "diagnostic.json"
     if diag_file.exists() and json.loads(diag_file.read_text()).get("n_train") == len(train_rows):
         task.update(json.loads(diag_file.read_text())["stored"])
+        if "mean_response_nll" not in task["diagnostic"]:  # stored before the diagnostic had it
+            scores = score_features(sc.model, sc.features(train_rows), sc.tokenizer.pad_token_id)
+            task["diagnostic"].update(response_nll(scores.probs, scores.examples))
+            stored = {k: task[k] for k in ("diagnostic", "base_accuracy", "base_probs")}
+            diag_file.write_text(json.dumps({"n_train": len(train_rows), "stored": stored}) + "\n")
     else:
         scores = score_features(sc.model, sc.features(train_rows), sc.tokenizer.pad_token_id)
         report = prior_report(scores, sc.tokenizer)
@@ -422,15 +427,14 @@ def report(table: dict, out: Path, s: dict) -> Path:
         return "-" if o is None or o["mean"] is None else f"{o['mean']:.3f} +- {o['std']:.3f} (n={o['n']})"
 
     lines = [
-        "| task | mean p | below 0.1 | base acc | " + " | ".join(names) + " |",
-        "|---|---:|---:|---:|" + "---|" * len(names),
+        "| task | mean p | below 0.1 | response NLL | base acc | " + " | ".join(names) + " |",
+        "|---|---:|---:|---:|---:|" + "---|" * len(names),
     ]
     for task, t in table.items():
         d = t["diagnostic"]
         lines.append(
-            f"| {task} | {d['mean_prob']:.3f} | {100 * d['frac_below_0.1']:.1f}% | {t['base_accuracy']:.3f} | "
-            + " | ".join(cell(t["objectives"].get(n)) for n in names)
-            + " |"
+            f"| {task} | {d['mean_prob']:.3f} | {100 * d['frac_below_0.1']:.1f}% | {d['mean_response_nll']:.1f} | "
+            f"{t['base_accuracy']:.3f} | " + " | ".join(cell(t["objectives"].get(n)) for n in names) + " |"
         )
     kl = ["", "Off-task KL to the base (mean +- std):", ""]
     for task, t in table.items():
@@ -538,7 +542,8 @@ def main() -> int:
         d = tasks[name]["diagnostic"]
         print(
             f"{name}: prior mean p {d['mean_prob']:.3f}, median {d['median_prob']:.3f}, below 0.1 "
-            f"{100 * d['frac_below_0.1']:.1f}%, at/above 0.9 {100 * d['frac_above_0.9']:.1f}%; base held-out "
+            f"{100 * d['frac_below_0.1']:.1f}%, at/above 0.9 {100 * d['frac_above_0.9']:.1f}%, response NLL "
+            f"{d['mean_response_nll']:.1f} nats; base held-out "
             f"accuracy {tasks[name]['base_accuracy']:.3f}",
             flush=True,
         )
