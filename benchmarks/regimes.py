@@ -141,6 +141,8 @@ PENDING_OBJECTIVES = {
     "prift": (["--mode", "prift"], "prift"),
 }
 P_WEIGHTED = ("dft", "asft")
+# A stored diagnostic.json of another version is computed again (2: the prior report has the response NLL).
+DIAGNOSTIC_VERSION = 2
 CPU_RUN = "--save_strategy no --use_cpu true --disable_tqdm true --report_to none --logging_steps 1".split()
 
 FULL = dict(
@@ -275,11 +277,12 @@ def load(path: Path):
 # ------------------------------------------------------------------------------------------------------- runs
 
 
-def anchored(flags: list[str]) -> bool:
-    """Whether an objective's flags give it the KL anchor (so --kl_weight applies)."""
-    from asft.objectives import uses_kl
+def objective(flags: list[str]):
+    """The ObjectiveSettings an objective's flags give `asft train` (mode and anchor: what decides whether
+    --kl_weight applies and whether a reference, here the task's cache, is needed)."""
+    from asft.objectives import ObjectiveSettings
 
-    return uses_kl(flags[flags.index("--mode") + 1], "--anchor" in flags or None)
+    return ObjectiveSettings(flags[flags.index("--mode") + 1], anchor="--anchor" in flags or None)
 
 
 def train(start: str, data: Path, out: Path, flags: list[str], steps: int, seed: int, s: dict, extra=()) -> float:
@@ -288,7 +291,7 @@ def train(start: str, data: Path, out: Path, flags: list[str], steps: int, seed:
         "train",
         *["--model_name_or_path", start, "--data_path", str(data), "--output_dir", str(out), "--overwrite_output_dir"],
         *flags,
-        *(["--kl_weight", str(s["kl_weight"])] if anchored(flags) else []),  # the others refuse it
+        *(["--kl_weight", str(s["kl_weight"])] if objective(flags).anchored else []),  # the others refuse it
         *["--max_steps", str(steps), "--per_device_train_batch_size"],
         *[str(s["batch"]), "--learning_rate", str(s["lr"]), "--lr_scheduler_type", "cosine", "--warmup_steps"],
         *[str(min(2, steps // 4)), "--seed", str(seed), *CPU_RUN, *extra],
@@ -330,7 +333,7 @@ def run_one(sc, task, name, flags, seed, steps, s, reuse, start=None, cache=None
 
 
 def prepare_task(sc: Scorer, name: str, out: Path, s: dict, base: str, needs_cache: bool, off: list[dict]) -> dict:
-    from asft.diagnostics import prior_report, response_nll, score_features
+    from asft.diagnostics import prior_report, score_features
 
     make, grade, max_new_tokens = TASKS[name]
     train_rows, test_rows = make(s["n_train"][name], s["n_test"][name], 0)
@@ -341,13 +344,9 @@ def prepare_task(sc: Scorer, name: str, out: Path, s: dict, base: str, needs_cac
     task.update(grade=grade, max_new_tokens=max_new_tokens)
     task["test_features"], task["offtask_features"] = sc.features(test_rows), sc.features(off)
     diag_file = d / "diagnostic.json"
-    if diag_file.exists() and json.loads(diag_file.read_text()).get("n_train") == len(train_rows):
+    key = {"n_train": len(train_rows), "version": DIAGNOSTIC_VERSION}
+    if diag_file.exists() and {k: json.loads(diag_file.read_text()).get(k) for k in key} == key:
         task.update(json.loads(diag_file.read_text())["stored"])
-        if "mean_response_nll" not in task["diagnostic"]:  # stored before the diagnostic had it
-            scores = score_features(sc.model, sc.features(train_rows), sc.tokenizer.pad_token_id)
-            task["diagnostic"].update(response_nll(scores.probs, scores.examples))
-            stored = {k: task[k] for k in ("diagnostic", "base_accuracy", "base_probs")}
-            diag_file.write_text(json.dumps({"n_train": len(train_rows), "stored": stored}) + "\n")
     else:
         scores = score_features(sc.model, sc.features(train_rows), sc.tokenizer.pad_token_id)
         report = prior_report(scores, sc.tokenizer)
@@ -356,7 +355,7 @@ def prepare_task(sc: Scorer, name: str, out: Path, s: dict, base: str, needs_cac
             "base_accuracy": sc.accuracy(sc.model, test_rows, grade, max_new_tokens),
             "base_probs": sc.probs(sc.model, task["test_features"]).tolist(),
         }
-        diag_file.write_text(json.dumps({"n_train": len(train_rows), "stored": stored}) + "\n")
+        diag_file.write_text(json.dumps({**key, "stored": stored}) + "\n")
         task.update(stored)
     if needs_cache and not (d / "cache" / "manifest.json").exists():
         asft_cmd(
@@ -517,7 +516,6 @@ def main() -> int:
     start = time.time()
 
     from asft.models import resolve_model_path
-    from asft.objectives import needs_reference
 
     objectives = available_objectives(s["objectives"])
     out = Path(a.output_dir)
@@ -532,12 +530,9 @@ def main() -> int:
         write_jsonl(off_file, sc.off_task(OFF_TASK[: s["n_off_task"]], s["off_task_tokens"]))
     off = [json.loads(line) for line in off_file.read_text().splitlines()]
 
-    def cached(flags):
-        return needs_reference(flags[flags.index("--mode") + 1], "--anchor" in flags or None)
-
     tasks = {}
     for name in s["tasks"]:
-        need = any(cached(f) for f in objectives.values())
+        need = any(objective(f).needs_reference for f in objectives.values())
         tasks[name] = prepare_task(sc, name, out, s, base, need, off)
         d = tasks[name]["diagnostic"]
         print(
@@ -562,7 +557,7 @@ def main() -> int:
                     s["steps"][name],
                     s,
                     a.reuse,
-                    cache=task["cache"] if cached(flags) else None,
+                    cache=task["cache"] if objective(flags).needs_reference else None,
                     half_checkpoint=obj == "sft",
                 )
                 results[name].setdefault(obj, []).append(r)
@@ -580,7 +575,7 @@ def main() -> int:
                         steps,
                         s,
                         a.reuse,
-                        cache=task["cache"] if cached(objectives[obj]) else None,
+                        cache=task["cache"] if objective(objectives[obj]).needs_reference else None,
                     )
                     results[name].setdefault(label, []).append(r)
 
@@ -631,6 +626,8 @@ def main() -> int:
                 separated(full["accuracies"], h["accuracies"]), "plateau"
             )
             print(f"  {t}: sft at half budget {h['mean']:.3f} +- {h['std']:.3f}, full {full['mean']:.3f}: {verdict}")
+    every = [r for t in results.values() for rs in t.values() for r in rs]
+    reused, train_seconds = sum(r.get("reused", False) for r in every), sum(r["train_seconds"] for r in every)
     (out / "regimes_results.json").write_text(
         json.dumps(
             {
@@ -641,21 +638,19 @@ def main() -> int:
                 "tasks": table,
                 "against_sft": claims,
                 "seconds": time.time() - start,  # this sitting's; with --reuse, runs of earlier sittings are not in it
-                "train_seconds": sum(r["train_seconds"] for t in results.values() for rs in t.values() for r in rs),
-                "reused_runs": sum(r.get("reused", False) for t in results.values() for rs in t.values() for r in rs),
+                "train_seconds": train_seconds,
+                "reused_runs": reused,
             },
             indent=2,
         )
         + "\n"
     )
     print(f"\nReport: {out / 'regimes.md'}; figure: {out / 'regimes.png'}; data: {out / 'regimes_results.json'}")
-    every = [r for t in results.values() for rs in t.values() for r in rs]
-    reused = sum(r.get("reused", False) for r in every)
     print(
         f"Total time: {time.time() - start:.0f} s"
         + (" (--quick: a smoke test)" if a.quick else "")
         + (f" this sitting; {reused} of {len(every)} runs reused from earlier sittings" if reused else "")
-        + f"; training time of all runs {sum(r['train_seconds'] for r in every):.0f} s"
+        + f"; training time of all runs {train_seconds:.0f} s"
     )
     n_obj = len({n for t in table.values() for n in t["objectives"]})
     print(f"regimes: tasks={len(table)} objectives={n_obj} seeds={len(s['seeds'])} rule={rule}")
