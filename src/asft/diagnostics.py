@@ -112,7 +112,8 @@ def scores_from_cache(cache, features: list[dict], tokenizer=None, template=None
         ys = [y for y in f["labels"][1:] if y != -100]
         targets += ys
         examples += [i] * len(ys)
-    return TokenScores(probs, ent.numpy(), np.asarray(targets, dtype=np.int64), np.asarray(examples), False)
+    ids = {"targets": np.asarray(targets, dtype=np.int64), "examples": np.asarray(examples, dtype=np.int64)}
+    return TokenScores(probs, ent.numpy(), **ids, entropy_exact=False)
 
 
 def weight_shares(probs) -> list[dict]:
@@ -172,7 +173,6 @@ def response_nll(probs, examples) -> dict:
     benchmarks/regimes.py dft and asft lost to sft on the two tasks whose training files gave 38 and 66 nats and
     matched it on those with 11 and 4: four tasks, found after the run, a hypothesis to test rather than a rule.
     """
-    examples = np.asarray(examples, dtype=np.int64)
     nll = np.bincount(examples, weights=-np.log(np.maximum(probs, 1e-300)))[np.bincount(examples) > 0]
     return {"mean_response_nll": float(nll.mean()), "median_response_nll": float(np.median(nll))}
 
@@ -264,16 +264,13 @@ def prior_line(report: dict) -> str:
     )
 
 
-# The training modes whose per-token weight follows p(y_t) (the objective family adds its own when it lands).
-P_WEIGHTED_MODES = ("dft", "asft")
-
-
 def cache_prior_line(path) -> str:
     """The one-line prior of a reference cache's training set (its exact label log-probs; no model, no data)."""
     from .cache import ReferenceCache
 
-    probs = np.exp(ReferenceCache(path).label_logprobs())
-    scores = TokenScores(probs, np.zeros_like(probs), np.zeros(len(probs), dtype=np.int64), np.zeros(len(probs)))
+    logp, examples = ReferenceCache(path).label_logprobs()
+    probs = np.exp(logp)
+    scores = TokenScores(probs, np.zeros_like(probs), np.zeros(len(probs), dtype=np.int64), examples)
     return prior_line(prior_report(scores))
 
 

@@ -398,10 +398,16 @@ class ReferenceCache:
             torch.from_numpy(np.ascontiguousarray(label)),
         )
 
-    def label_logprobs(self) -> np.ndarray:
-        """log rho(y_t) of every cached response token, in order (float64; reads only the label arrays)."""
-        parts = [np.asarray(self._shard(i)["label"], dtype=np.float64) for i in range(len(self.manifest["shards"]))]
-        return np.concatenate(parts) if parts else np.zeros(0)
+    def label_logprobs(self) -> tuple[np.ndarray, np.ndarray]:
+        """log rho(y_t) of every cached response token, in order (float64), and the index of its example (int64);
+        reads only the label and offsets arrays."""
+        logp, examples = [np.zeros(0)], [np.zeros(0, dtype=np.int64)]
+        for i, shard in enumerate(self.manifest["shards"]):
+            arrays = self._shard(i)
+            logp.append(np.asarray(arrays["label"], dtype=np.float64))
+            counts = np.diff(np.asarray(arrays["offsets"], dtype=np.int64))
+            examples.append(shard["first"] + np.repeat(np.arange(len(counts), dtype=np.int64), counts))
+        return np.concatenate(logp), np.concatenate(examples)
 
     # ------------------------------------------------------------------------------------------------ checks
 

@@ -313,9 +313,10 @@ def _check_run_length(config, examples: int) -> None:
 
 def _print_prior(config) -> None:
     """In a p-weighted mode, the prior of the training set from the cache's label log-probs (free: they are here)."""
-    from ..diagnostics import P_WEIGHTED_MODES, cache_prior_line
+    from ..diagnostics import cache_prior_line
+    from ..objectives import ObjectiveSettings, prob_weight
 
-    if str(getattr(config.mode, "value", config.mode)) in P_WEIGHTED_MODES:
+    if ObjectiveSettings.of(config).rule.weight is prob_weight:  # p-weighted: dft, asft
         print(
             f"{cache_prior_line(config.reference_cache)}; the full diagnostic: asft data inspect DATA --model "
             f"MODEL --prior --reference_cache {config.reference_cache}",
