@@ -14,8 +14,6 @@ from ..objectives import IW_LEVELS, KL_DIRECTIONS, MODE_ALIASES, MODES, Objectiv
 MODE_CHOICES = (*MODES, *[a for a in MODE_ALIASES if a == "sft+kl"])
 
 
-# The objective's settings and the modes that use them: `asft train` refuses one given for a mode outside its
-# entry (it would be silently ignored). A new mode or setting is one entry here.
 def ignored_settings(config, given: set[str]) -> list[str]:
     """The settings in `given` (names set by the user) that `config`'s objective does not use, each with why. The
     weight rule's own parameters are checked by ObjectiveSettings (`asft.objectives.WEIGHT_RULES` lists them)."""
