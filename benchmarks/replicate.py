@@ -315,37 +315,33 @@ def main() -> int:
     [base_result] = json.loads((base_eval / "results.json").read_text())["datasets"].values()
 
     seeds = s["seeds"] or [s["seed"]]
-    per_seed, seconds, run_dirs = {}, {}, []
+    per_seed, seconds = {}, {}
+    run_dirs = {(m, seed): out / "runs" / m / (f"seed-{seed}" if s["seeds"] else "") for m in modes for seed in seeds}
+    first_seed = [str(run_dirs[m, seeds[0]]) for m in modes]  # the figures show one run per mode
     for mode in modes:
         for seed in seeds:
-            run = out / "runs" / mode / (f"seed-{seed}" if s["seeds"] else "")
+            run = run_dirs[mode, seed]
             if not (reuse and (run / "model.safetensors").exists() and (run / "metrics.jsonl").exists()):
                 seconds[mode] = seconds.get(mode, 0.0) + train(mode, base, paths, run, s, seed)
             per_seed.setdefault(mode, []).append(measure(mode, run, base, paths))
-            run_dirs.append(run)
     rows = mean_rows(per_seed)
 
     report = out / "report"
     asft(
         "compare",
-        *[str(r) for r in run_dirs],
+        *[str(r) for r in run_dirs.values()],
         str(base_eval),
         "--output_dir",
         str(report),
         *"--metrics loss nll kl mean_prob math/test/accuracy".split(),
     )
-    asft(
-        "plot",
-        *[str(out / "runs" / m / (f"seed-{seeds[0]}" if s["seeds"] else "")) for m in modes],
-        *"--metrics math/test/accuracy kl --output".split(),
-        str(report / "figure1.png"),
-    )
+    asft("plot", *first_seed, *"--metrics math/test/accuracy kl --output".split(), str(report / "figure1.png"))
     asft(
         "plot",
         "--kind",
         "probs",
         MODEL,
-        *[str(out / "runs" / m / (f"seed-{seeds[0]}" if s["seeds"] else "")) for m in modes],
+        *first_seed,
         "--data",
         str(paths["test_pairs"]),
         "--output",

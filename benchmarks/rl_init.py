@@ -88,11 +88,9 @@ def start_model(mode: str, args, cfg, train: Path) -> str:
         what = dict(model_name_or_path=BASE, data_path=train, mode=mode, output_dir=out, overwrite_output_dir=True)
         asft(
             "train",
-            *flags_to_argv(what),
-            *flags_to_argv(dict(start, learning_rate=cfg["start_lr"])),
+            *flags_to_argv({**what, **start, "learning_rate": cfg["start_lr"], "seed": args.seed}),
             *"--lr_scheduler_type cosine --warmup_steps 1 --logging_steps 1".split(),
             *CPU_RUN,
-            *flags_to_argv(dict(seed=args.seed)),
         )
     return str(out)
 
@@ -101,8 +99,8 @@ def accuracy(model: str, test: Path, out: Path, cfg) -> float:
     if not (out / "results.json").exists():
         asft(
             "eval",
-            *flags_to_argv(dict(model=model, task="math", data=test, output_dir=out, limit=cfg["eval_n"])),
-            *flags_to_argv(dict(max_new_tokens=cfg["eval_tokens"])),
+            *flags_to_argv(dict(model=model, task="math", data=test, output_dir=out)),
+            *flags_to_argv(dict(limit=cfg["eval_n"], max_new_tokens=cfg["eval_tokens"])),
             *"--batch_size 16 --device cpu --quiet --overwrite".split(),
         )
     report = json.loads((out / "results.json").read_text())
@@ -117,10 +115,9 @@ def run_rl(model: str, problems: Path, out: Path, args, cfg) -> Path:
         budget.update(num_generations=cfg["rl_generations"], max_completion_length=cfg["rl_tokens"])
         asft(
             "rl",
-            *flags_to_argv(dict(what, output_dir=out, overwrite_output_dir=True)),
+            *flags_to_argv({**what, "output_dir": out, "overwrite_output_dir": True, "seed": args.seed}),
             *flags_to_argv(dict(budget, learning_rate=cfg["rl_lr"], gradient_checkpointing=False)),
             *CPU_RUN,
-            *flags_to_argv(dict(seed=args.seed)),
         )
     return out / "metrics.jsonl"
 
