@@ -11,7 +11,9 @@ Every program gets, always:
     defence in depth only.
 And, where the machine allows unprivileged namespaces (util-linux `unshare` present, user namespaces enabled):
   - a user + PID namespace: the program is PID 1 of its own tree, cannot see or signal any process of ours
-    (not its parent, not `kill(-1)`), and the whole tree dies with it; RLIMIT_NPROC then counts its own
+    (not its parent, not `kill(-1)`; `kill(0)` signals its own process group, whose one other member is its
+    `unshare` wrapper, whose death kills the program: a self-kill, as it is without namespaces), and the whole
+    tree dies with it; RLIMIT_NPROC then counts its own
     processes only, so a fork bomb stops at the limit;
   - a network namespace with no interface but a down loopback: no network at all;
   - a mount namespace where the working directory is a fresh tmpfs of `max_disk_mb` (a program cannot fill the
